@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
@@ -139,15 +139,8 @@ def main() -> None:
             "lmfuse.triton_kernels": "triton_kernels",
             "lmfuse.benchmarks": "benchmarks",
         },
-        packages=[
-            "lmfuse",
-            "lmfuse.ops",
-            "lmfuse.modules",
-            "lmfuse.lpa",
-            "lmfuse.bench",
-            "lmfuse.triton_kernels",
-            "lmfuse.benchmarks",
-        ],
+        packages=["lmfuse", "lmfuse.triton_kernels", "lmfuse.benchmarks"]
+        + ["lmfuse." + p for p in find_packages(os.path.join(ROOT, "python", "lmfuse"))],
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         install_requires=["torch>=2.5", "numpy"],

@@ -9,8 +9,8 @@ Providers (what a user would otherwise run is the baseline, ``lpa-separate-linea
 ``lpa-fused``                    ``lmfuse.ops.lpa_qkv_projection`` (x read once, the three down
                                  projections one GEMM) + ``lmfuse.ops.low_rank_linear`` for o,
                                  on the backends lmfuse picks for the device
-``lpa-cpp``                      the same ops forced onto the CPU extension with ``use_backend("cpp")``
-                                 (CPU only; skipped with the reason when an op has no cpp kernel)
+``lpa-cpp``                      four ``lmfuse.ops.low_rank_linear`` calls (q, k, v, o) forced onto
+                                 the CPU extension with ``use_backend("cpp")`` (CPU only)
 ``reference``                    ``lmfuse.ops.*_reference``: plain PyTorch (CPU only)
 ``lpa-separate-linear``          each projection as ``nn.Linear(d, r, bias=False)`` then ``nn.Linear(r, d)``
 ``lpa-separate-linear+compile``  ``torch.compile`` of the above (CUDA only; compiled during set-up)
@@ -20,9 +20,9 @@ GPU shapes: d=4096, r in {128, 256}, tokens in {2048, 8192, 16384}, bf16. CPU sh
 and fp32 so the suite runs in minutes on a laptop. Inputs are fresh ``randn`` made once per
 case and never rotated; each row's note says whether they fit in the last-level cache.
 
-Flops/bytes: four times ``lmfuse.ops.low_rank_linear_cost``, less the traffic on ``x`` the
-fused q/k/v projection saves (x read once instead of three times forward; read once and
-dx written once backward). ``dense-linear`` uses the dense formulas below.
+Flops/bytes: ``lmfuse.ops.lpa_qkv_projection_cost`` (x read once) plus
+``lmfuse.ops.low_rank_linear_cost`` for o — the least traffic any provider could need.
+``dense-linear`` uses the dense formulas below.
 """
 
 from __future__ import annotations
@@ -32,35 +32,25 @@ import itertools
 import torch
 from torch import nn
 
+import lmfuse.ops as ops
 from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
 from lmfuse.bench.harness import working_set_note
 
 OP = "low_rank_linear"
 
 
-def _ops():
-    """``lmfuse.ops`` if importable (it is being written alongside this file), else None."""
-    try:
-        import lmfuse.ops as ops
-    except Exception:
-        return None
-    return ops
-
-
 def _need(name: str):
-    ops = _ops()
-    fn = getattr(ops, name, None) if ops is not None else None
+    fn = getattr(ops, name, None)
     if fn is None:
         raise ProviderUnavailable(f"lmfuse.ops.{name} is not available")
     return fn
 
 
 def block_cost(T: int, d: int, r: int, dtype_bytes: int, mode: str) -> tuple[float, float]:
-    """(flops, bytes) of q/k/v/o low-rank projections with x shared by q, k and v."""
-    cost = _need("low_rank_linear_cost")
-    flops, nbytes = cost(T, d, r, d, dtype_bytes, mode)
-    x_saved = {"fwd": 2, "bwd": 4, "full": 6}[mode] * T * d * dtype_bytes
-    return 4 * flops, 4 * nbytes - x_saved
+    """(flops, bytes) of q/k/v/o low-rank projections: the op formulas, x read once for q/k/v."""
+    qkv = _need("lpa_qkv_projection_cost")(T, d, r, (d, d, d), dtype_bytes, mode)
+    o = _need("low_rank_linear_cost")(T, d, r, d, dtype_bytes, mode)
+    return qkv[0] + o[0], qkv[1] + o[1]
 
 
 def dense_cost(T: int, d: int, dtype_bytes: int, mode: str) -> tuple[float, float]:
@@ -85,12 +75,17 @@ def _lpa_weights(d: int, r: int, device, dtype):
     return downs, ups, biases
 
 
-def _functional(qkv_name: str, lrl_name: str, x, h, d, r, backend: str | None = None) -> Workload:
-    """q/k/v through one ``lpa_qkv_projection``, o through ``low_rank_linear``."""
-    qkv, lrl = _need(qkv_name), _need(lrl_name)
+def _functional(qkv_name: str | None, lrl_name: str, x, h, d, r, backend: str | None = None) -> Workload:
+    """q/k/v through one ``lpa_qkv_projection`` (or, with ``qkv_name=None``, three
+    ``low_rank_linear`` calls), o through ``low_rank_linear``."""
+    lrl = _need(lrl_name)
+    if qkv_name is not None:
+        qkv = _need(qkv_name)
+    else:
+        def qkv(x_, downs_, ups_, biases_):
+            return tuple(lrl(x_, a, b, c) for a, b, c in zip(downs_, ups_, biases_))
     context = None
     if backend is not None:
-        ops = _ops()
         status = ops.available_backends().get(backend)
         if status is None or not status.available:
             raise ProviderUnavailable(getattr(status, "reason", f"no backend {backend!r}"))
@@ -176,13 +171,12 @@ def cases(scale: str, device: torch.device) -> list[Case]:
             reference = Provider("reference", lambda x=x, h=h, d=d, r=r: _functional(
                 "lpa_qkv_projection_reference", "low_rank_linear_reference", x, h, d, r))
             forced_cpp = Provider("lpa-cpp", lambda x=x, h=h, d=d, r=r: _functional(
-                "lpa_qkv_projection", "low_rank_linear", x, h, d, r, backend="cpp"))
+                None, "low_rank_linear", x, h, d, r, backend="cpp"))
             providers = [reference, fused, forced_cpp, sep, dense]
         working_set = nb * (2 * T * d + 4 * (2 * r * d + d))
-        has_cost = _ops() is not None and hasattr(_ops(), "low_rank_linear_cost")
         out.append(Case(
             OP, f"T={T},d={d},r={r}", dtype, device, providers,
-            cost=(lambda mode, T=T, d=d, r=r: block_cost(T, d, r, nb, mode)) if has_cost else None,
+            cost=lambda mode, T=T, d=d, r=r: block_cost(T, d, r, nb, mode),
             baseline="lpa-separate-linear", target="lpa-fused",
             note=working_set_note(working_set, device),
         ))

@@ -225,3 +225,26 @@ def low_rank_linear_bwd_dx(dy: torch.Tensor, down: torch.Tensor, up: torch.Tenso
         PRECISION=dot_precision(dy.dtype), **cfg,
     )
     return dx, dh
+
+
+def aot_jobs():
+    """Every (kernel, shipped config, dtype) this module launches on a GPU."""
+    specs = [
+        (_low_rank_linear_fwd_kernel, ("x_ptr", "a_ptr", "b_ptr", "bias_ptr", "y_ptr", "h_ptr"),
+         {"HAS_BIAS": True, "WRITE_H": True}),
+        (_low_rank_linear_bwd_kernel, ("dy_ptr", "a_ptr", "b_ptr", "dx_ptr", "dh_ptr"), {}),
+    ]
+    yield from matmul_aot_jobs(specs, CONFIGS, config_for)
+
+
+def matmul_aot_jobs(specs, configs, config_for_):
+    """AOT jobs of matmul-like kernels: one per kernel × BLOCK_R config × dtype."""
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    for fn, ptrs, extra in specs:
+        for br in configs:
+            for dname, dt in dtypes.items():
+                cfg = config_for_(br, dt)
+                meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+                yield _common.aot_job(fn.__name__, fn.arg_names, {p: _common.AOT_DTYPES[dname] for p in ptrs},
+                                      dict(meta, PRECISION="ieee", **extra), cfg["num_warps"],
+                                      cfg["num_stages"], f"R{br} {dname}")

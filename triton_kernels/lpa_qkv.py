@@ -18,7 +18,8 @@ import triton.language as tl
 
 from . import _common
 
-from .low_rank_linear import INTERPRETER_CONFIG, block_r, dot_precision, shrink_for_fp32
+from .low_rank_linear import (INTERPRETER_CONFIG, block_r, dot_precision, matmul_aot_jobs,
+                              shrink_for_fp32)
 
 MAX_FUSED_RANK = 256
 
@@ -146,3 +147,12 @@ def lpa_qkv_bwd_dh(dy: torch.Tensor, up_cat: torch.Tensor, widths: tuple[int, in
         PRECISION=dot_precision(dy.dtype), **cfg,
     )
     return dh
+
+
+def aot_jobs():
+    """Every (kernel, shipped config, dtype) this module launches on a GPU."""
+    specs = [
+        (_lpa_qkv_up_fwd_kernel, ("h_ptr", "b_ptr", "bias_ptr", "y_ptr"), {"HAS_BIAS": True}),
+        (_lpa_qkv_bwd_kernel, ("dy_ptr", "b_ptr", "dh_ptr"), {}),
+    ]
+    yield from matmul_aot_jobs(specs, CONFIGS, config_for)
