@@ -132,36 +132,39 @@ def _compiled(x, h, d, r) -> Workload:
     return _modules_workload(layers, x, h, fn)
 
 
-def _shapes(scale: str, device: torch.device) -> list[tuple[int, int, int]]:
-    """(tokens, d, r) triples for this scale and device."""
+def _shapes(scale: str, device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:
+    """(tokens, d, r, dtype) for this scale and device."""
     if scale == "tiny":
-        return [(64, 128, 16)]
+        return [(64, 128, 16, torch.float32)]
     if device.type == "cuda":
         tokens = (2048, 8192) if scale == "quick" else (2048, 8192, 16384)
         ranks = (128,) if scale == "quick" else (128, 256)
-        return [(t, 4096, r) for r, t in itertools.product(ranks, tokens)]
+        return [(t, 4096, r, torch.bfloat16) for r, t in itertools.product(ranks, tokens)]
+    f32 = torch.float32
     if scale == "quick":
-        return list(itertools.product((256, 1024), (512, 1024), (32, 64)))
+        # one bf16 point: PyTorch's CPU bf16 GEMM is slow here and the cpp kernel is not
+        return [(t, d, r, f32) for t, d, r in itertools.product((256, 1024), (512, 1024), (32, 64))] \
+            + [(512, 1024, 64, torch.bfloat16)]
     # Full CPU run: about 6 minutes on 2 cores; d=2048 only at 512 tokens to stay there.
-    return list(itertools.product((512, 2048), (1024,), (64, 128))) + [(512, 2048, 64), (512, 2048, 128)]
+    shapes = list(itertools.product((512, 2048), (1024,), (64, 128))) + [(512, 2048, 64), (512, 2048, 128)]
+    return [(t, d, r, f32) for t, d, r in shapes] + [(1024, 1024, 64, torch.bfloat16)]
 
 
 def cases(scale: str, device: torch.device) -> list[Case]:
     """One case per (tokens, d, r); providers depend on the device (see the module docstring)."""
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    nb = torch.finfo(dtype).bits // 8
     out = []
-    for T, d, r in _shapes(scale, device):
+    for T, d, r, dtype in _shapes(scale, device):
+        nb = torch.finfo(dtype).bits // 8
         # Inputs are made once per case and shared by every provider; weights per provider.
         x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
         h = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
 
-        sep = Provider("lpa-separate-linear", lambda x=x, h=h, d=d, r=r: _modules_workload(
+        sep = Provider("lpa-separate-linear", lambda x=x, h=h, d=d, r=r, dtype=dtype: _modules_workload(
             _separate(d, r, device, dtype), x, h))
-        dense = Provider("dense-linear", lambda x=x, h=h, d=d: _modules_workload(
+        dense = Provider("dense-linear", lambda x=x, h=h, d=d, dtype=dtype: _modules_workload(
             [nn.Linear(d, d).to(device, dtype) for _ in range(4)], x, h),
-            cost=lambda mode, T=T, d=d: dense_cost(T, d, nb, mode))
+            cost=lambda mode, T=T, d=d, nb=nb: dense_cost(T, d, nb, mode))
         fused = Provider("lpa-fused", lambda x=x, h=h, d=d, r=r: _functional(
             "lpa_qkv_projection", "low_rank_linear", x, h, d, r))
         if on_gpu:
@@ -176,7 +179,7 @@ def cases(scale: str, device: torch.device) -> list[Case]:
         working_set = nb * (2 * T * d + 4 * (2 * r * d + d))
         out.append(Case(
             OP, f"T={T},d={d},r={r}", dtype, device, providers,
-            cost=lambda mode, T=T, d=d, r=r: block_cost(T, d, r, nb, mode),
+            cost=lambda mode, T=T, d=d, r=r, nb=nb: block_cost(T, d, r, nb, mode),
             baseline="lpa-separate-linear", target="lpa-fused",
             note=working_set_note(working_set, device),
         ))

@@ -18,10 +18,46 @@ std::tuple<at::Tensor, at::Tensor> low_rank_linear_fwd_cpu(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor> low_rank_linear_bwd_dx_cpu(const at::Tensor& dy,
                                                               const at::Tensor& down,
                                                               const at::Tensor& up);
+// spec_verify.cpp
+std::tuple<at::Tensor, at::Tensor> spec_verify_cpu(const at::Tensor& ids, const c10::optional<at::Tensor>& draft,
+                                                   const at::Tensor& target, const at::Tensor& n_draft,
+                                                   const at::Tensor& u, const at::Tensor& seeds, double inv_t,
+                                                   const c10::optional<at::Tensor>& thr_t,
+                                                   const c10::optional<at::Tensor>& thr_d);
 }  // namespace cpu
 }  // namespace lmfuse
 
 namespace {
+
+// spec_verify: the Python op validated values (ids in range, n <= k, finite temperature); this
+// re-checks what memory safety depends on (shapes, dtypes, contiguity, device).
+std::tuple<at::Tensor, at::Tensor> spec_verify(const at::Tensor& ids, const c10::optional<at::Tensor>& draft,
+                                               const at::Tensor& target, const at::Tensor& n_draft,
+                                               const at::Tensor& u, const at::Tensor& seeds, double inv_t,
+                                               const c10::optional<at::Tensor>& thr_t,
+                                               const c10::optional<at::Tensor>& thr_d) {
+  TORCH_CHECK(target.dim() == 3 && ids.dim() == 2 && ids.scalar_type() == at::kLong,
+              "spec_verify: target [B, k+1, V] and int64 ids [B, k] expected");
+  const int64_t B = ids.size(0), k = ids.size(1), V = target.size(2);
+  TORCH_CHECK(target.size(0) == B && target.size(1) == k + 1, "spec_verify: target must be [B, k+1, V]");
+  auto chk = [&](const at::Tensor& t, const char* name, at::ScalarType dt, std::vector<int64_t> shape) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dt && t.sizes() == at::IntArrayRef(shape),
+                "spec_verify: '", name, "' must be a contiguous CPU ", dt, " tensor of shape ", shape, ", got ",
+                t.scalar_type(), " ", t.sizes());
+  };
+  chk(target, "target_logits", target.scalar_type(), {B, k + 1, V});
+  chk(ids, "draft_token_ids", at::kLong, {B, k});
+  chk(n_draft, "num_draft_tokens", at::kLong, {B});
+  chk(u, "accept_uniforms", at::kFloat, {B, k});
+  chk(seeds, "seeds", at::kLong, {B, 2});
+  if (draft.has_value() && draft->defined()) chk(*draft, "draft_logits", target.scalar_type(), {B, k, V});
+  if (thr_t.has_value() && thr_t->defined()) chk(*thr_t, "target_threshold", at::kFloat, {B, k + 1});
+  if (thr_d.has_value() && thr_d->defined()) chk(*thr_d, "draft_threshold", at::kFloat, {B, k});
+  TORCH_CHECK(V < (int64_t(1) << 31), "spec_verify: V must be < 2^31");
+  const int64_t* n = n_draft.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(n[b] >= 0 && n[b] <= k, "spec_verify: num_draft_tokens out of [0, k]");
+  return lmfuse::cpu::spec_verify_cpu(ids, draft, target, n_draft, u, seeds, inv_t, thr_t, thr_d);
+}
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& down,
                                        const at::Tensor& up,
@@ -41,6 +77,12 @@ std::tuple<at::Tensor, at::Tensor> bwd_dx(const at::Tensor& dy, const at::Tensor
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lmfuse CPU kernels (C++17, OpenMP when available)";
+  m.def("spec_verify", &spec_verify, py::arg("draft_token_ids"), py::arg("draft_logits"),
+        py::arg("target_logits"), py::arg("num_draft_tokens"), py::arg("accept_uniforms"), py::arg("seeds"),
+        py::arg("inv_temperature"), py::arg("target_threshold"), py::arg("draft_threshold"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Speculative verification (see lmfuse.ops.spec_verify). Returns (tokens [B, k+1], num_accepted [B]); "
+        "num_accepted is -1 for a row whose read logits hold NaN/+inf or no finite value.");
   m.def("has_openmp", &lmfuse::cpu::has_openmp,
         "True when the extension was compiled with OpenMP (row blocks run in parallel).");
   // The GIL is released around the kernels: they touch no Python objects and can take

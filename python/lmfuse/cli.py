@@ -27,7 +27,7 @@ Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
 
 # Modules that register more subcommands with @command when imported (stdlib-only top level).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("lmfuse.cli_generate",)
 
 
 def command(name: str, help: str):

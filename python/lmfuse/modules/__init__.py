@@ -1,6 +1,7 @@
 """Drop-in ``nn.Module`` layers built on :mod:`lmfuse.ops`."""
 
 from .low_rank_linear import LowRankLinear
+from .lora import LoRALinear
 from .lpa_qkv import FusedQKVGroup, QKVLowRankLinear
 
-__all__ = ["LowRankLinear", "QKVLowRankLinear", "FusedQKVGroup"]
+__all__ = ["LowRankLinear", "LoRALinear", "QKVLowRankLinear", "FusedQKVGroup"]

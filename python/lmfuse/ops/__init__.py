@@ -12,13 +12,26 @@ from .._backend import (BACKENDS, BackendStatus, BackendUnavailableError, availa
 from .low_rank_linear import MAX_FUSED_RANK, low_rank_linear
 from .low_rank_linear import cost as low_rank_linear_cost
 from .low_rank_linear import reference as low_rank_linear_reference
+from .gated_lora import cost as gated_lora_linear_cost
+from .gated_lora import gated_lora_linear, lora_linear
+from .gated_lora import reference as gated_lora_linear_reference
 from .lpa_qkv import cost as lpa_qkv_projection_cost
 from .lpa_qkv import lpa_qkv_projection
 from .lpa_qkv import reference as lpa_qkv_projection_reference
+from .spec_verify import SpecVerifyResult, spec_verify
+from .spec_verify import cost as spec_verify_cost
+from .spec_verify import reference as spec_verify_reference
+from .collab_logits import (DecodeStepResult, collab_decode_step, collab_decode_step_reference,
+                            contrastive_logits, contrastive_logits_reference, proxy_logits,
+                            proxy_logits_reference)
 
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "available_backends", "use_backend",
     "MAX_FUSED_RANK",
     "low_rank_linear", "low_rank_linear_reference", "low_rank_linear_cost",
     "lpa_qkv_projection", "lpa_qkv_projection_reference", "lpa_qkv_projection_cost",
+    "gated_lora_linear", "lora_linear", "gated_lora_linear_reference", "gated_lora_linear_cost",
+    "spec_verify", "SpecVerifyResult", "spec_verify_reference", "spec_verify_cost",
+    "contrastive_logits", "contrastive_logits_reference", "proxy_logits", "proxy_logits_reference",
+    "collab_decode_step", "collab_decode_step_reference", "DecodeStepResult",
 ]

@@ -39,15 +39,23 @@ def check_dim(name: str, got: int, expected: int, what: str) -> None:
 
 def pick_backend(op: str, t: torch.Tensor, preference: dict[str, tuple[str, ...]],
                  unsupported: dict[str, str] | None = None) -> str:
-    """Backend for one call; ``unsupported`` maps backends that cannot take *this* call (dtype,
-    rank too large, ...) to the reason. Those are skipped when choosing, and raise if forced."""
+    """Backend for one call.
+
+    ``preference`` maps a device type, or a ``(device type, dtype)`` pair that overrides it, to
+    backends in order. ``unsupported`` maps backends that cannot take *this* call (dtype, rank
+    too large, ...) to the reason: they are skipped when choosing, and raise if forced."""
     unsupported = unsupported or {}
     forced = forced_backend()
     if forced is not None and forced in unsupported:
         raise BackendUnavailableError(f"{op}: backend {forced!r} is forced but cannot run this call: "
                                       f"{unsupported[forced]}")
-    pref = {dev: tuple(b for b in order if b not in unsupported) for dev, order in preference.items()}
-    return choose_backend(op, t.device.type, pref)
+    dev = t.device.type
+    order = preference.get((dev, t.dtype), preference.get(dev, ("reference",)))
+    pref = {dev: tuple(b for b in order if b not in unsupported)}
+    for other, o in preference.items():  # the op's full backend list, for the forced-backend check
+        if isinstance(other, str) and other != dev:
+            pref[other] = o
+    return choose_backend(op, dev, pref)
 
 
 def dtype_limits(t: torch.Tensor, backends: tuple[str, ...]) -> dict[str, str]:

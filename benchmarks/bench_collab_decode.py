@@ -1,0 +1,72 @@
+"""Benchmark: ``collab_decode_step`` (one collaborative decoding step: combine, sample, statistics).
+
+Providers: ``lmfuse`` (``lmfuse.ops.collab_decode_step`` on the backend lmfuse picks: the fused
+Triton kernel on GPU once it lands, the reference elsewhere), ``eager`` (the same computation
+written as a user would in PyTorch: log-softmaxes, plausibility mask, softmax, multinomial,
+entropy/top-2 of the small model) and, on CUDA, ``eager+compile`` (``torch.compile`` of it).
+
+Shapes: GPU ``B ∈ {1, 8, 64}``, ``V ∈ {32000, 151936}``, bf16, contrastive mode, temperature 1
+with top-p 0.9 (the filter threshold is computed on the host side of the op); CPU ``B=8,
+V=49152`` fp32. Bytes: both logit tensors read once.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import lmfuse.ops as ops
+from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
+from lmfuse.bench.harness import working_set_note
+
+OP = "collab_decode_step"
+
+
+def eager_step(small, large, alpha=0.1):
+    """What a user writes without lmfuse (contrastive decoding + FS-GEN statistics)."""
+    lp_l = torch.log_softmax(large.float(), -1)
+    lp_s = torch.log_softmax(small.float(), -1)
+    score = torch.where(lp_l >= lp_l.amax(-1, keepdim=True) + torch.log(torch.tensor(alpha)), lp_l - lp_s,
+                        float("-inf"))
+    tokens = torch.multinomial(torch.softmax(score, -1), 1).squeeze(-1)
+    p_s = lp_s.exp()
+    ent = -(p_s * torch.nan_to_num(lp_s, neginf=0.0)).sum(-1)
+    top = torch.topk(p_s, 2, -1).values
+    return tokens, ent, top[:, 0], top[:, 0] - top[:, 1], tokens != small.argmax(-1)
+
+
+def _shapes(scale, device):
+    if scale == "tiny":
+        return [(2, 1000, torch.float32)]
+    if device.type == "cuda":
+        return [(B, V, torch.bfloat16) for B, V in itertools.product((1, 8, 64), (32000, 151936))]
+    return [(8, 49152, torch.float32)]
+
+
+def _compiled(small, large):
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(eager_step, dynamic=False)
+        fn(small, large)
+    except Exception as e:
+        raise ProviderUnavailable(f"torch.compile failed: {e}") from e
+    return Workload(lambda: fn(small, large)[0])
+
+
+def cases(scale: str, device: torch.device) -> list[Case]:
+    out = []
+    for B, V, dtype in _shapes(scale, device):
+        small = (torch.randn(B, V, device=device) * 2).to(dtype)
+        large = (torch.randn(B, V, device=device) * 2).to(dtype)
+        nb = torch.finfo(dtype).bits // 8
+        provs = [Provider("lmfuse", lambda s=small, l=large: Workload(lambda: ops.collab_decode_step(
+                     s, l, mode="contrastive", temperature=1.0, top_p=0.9).tokens)),
+                 Provider("eager", lambda s=small, l=large: Workload(lambda: eager_step(s, l)[0]))]
+        if device.type == "cuda":
+            provs.append(Provider("eager+compile", lambda s=small, l=large: _compiled(s, l)))
+        out.append(Case(OP, f"B={B},V={V}", dtype, device, provs,
+                        cost=lambda mode, B=B, V=V, nb=nb: (10 * B * V, 2 * nb * B * V),
+                        baseline="eager", target="lmfuse", modes=("fwd",),
+                        note=working_set_note(2 * nb * B * V, device)))
+    return out

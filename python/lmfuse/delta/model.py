@@ -1,0 +1,341 @@
+"""Attach, detach, re-attach, freeze and merge deltas on a backbone (see :mod:`.deltas` for why
+deltas are attached by wrapping). The deltas attached to a model are kept in a dict on the root
+module (``model._lmfuse_deltas``, name → :class:`Delta`), so every function here takes the model."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .addressing import (default_targets, get_logical, get_slot, innermost, is_delta_wrapper,
+                         iter_backbone_modules, matches_any, resolve_targets)
+from .deltas import (LORA_FAMILY, DeltaConfig, SoftPromptConfig, accepts_bias, accepts_lora,
+                     build_lora, build_wrapper, refresh_lora_base, restore_target)
+from .soft_prompt import SoftPrompt, make_hooks
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ACCEPT = {"lora": accepts_lora, "sora": accepts_lora, "bitfit": accepts_bias}
+
+
+class Delta:
+    """A delta attached to (or detached from) a model: its config, the logical paths it wraps, its
+    wrapper modules (which hold its parameters, also while detached) and, for a soft prompt, the
+    prompt module and hooks."""
+
+    def __init__(self, name: str, config: DeltaConfig):
+        self.name, self.config, self.kind = name, config, config.kind
+        self.wrappers: dict[str, nn.Module] = {}
+        self.originals: dict[str, nn.Module] = {}  # the backbone module under each wrapper
+        self.soft: Optional[SoftPrompt] = None
+        self._hooks: list = []
+        self.attached = False
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.wrappers)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The delta's own parameters, named ``<logical path>.<param>`` (``soft_prompt.prompt``)."""
+        for path, w in self.wrappers.items():
+            for n, p in w.named_parameters():
+                if not n.startswith("base."):
+                    yield f"{path}.{n}", p
+        if self.soft is not None:
+            yield "soft_prompt.prompt", self.soft.prompt
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_parameters())
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters())
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"delta {self.name!r}: state mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, p in own.items():
+            if tuple(state[k].shape) != tuple(p.shape):
+                raise ValueError(f"delta {self.name!r}: {k} has shape {tuple(state[k].shape)}, expected {tuple(p.shape)}")
+            p.copy_(state[k])
+
+    @property
+    def merged(self) -> bool:
+        return any(getattr(w, "merged", False) for w in self.wrappers.values())
+
+    def __repr__(self) -> str:
+        where = f"{len(self.wrappers)} modules" if self.soft is None else f"{self.soft.n_tokens} prompt tokens"
+        return (f"Delta({self.name!r}, kind={self.kind}, {where}, params={self.num_parameters()}, "
+                f"attached={self.attached}, merged={self.merged})")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model under DDP / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(model, "module", None) if isinstance(model, nn.parallel.DistributedDataParallel) \
+            else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def get_deltas(model: nn.Module) -> dict[str, Delta]:
+    """The deltas attached to ``model``, by name (a live dict: do not edit it)."""
+    model = unwrap_model(model)
+    return model.__dict__.setdefault("_lmfuse_deltas", {})
+
+
+def _chain_holder(model: nn.Module, path: str, target: Optional[nn.Module]):
+    """``(holder, attr)`` such that ``getattr(holder, attr)`` is ``target`` in the wrapper chain at
+    ``path``; ``target=None`` gives the slot of the innermost backbone module."""
+    holder, attr = get_slot(model, path)
+    while True:
+        cur = getattr(holder, attr)
+        if cur is target or (target is None and not is_delta_wrapper(cur)):
+            return holder, attr
+        if not is_delta_wrapper(cur):
+            raise RuntimeError(f"delta wrapper not found at {path!r} (was the model edited after attaching?)")
+        holder, attr = cur, "base"
+
+
+def _insert(model: nn.Module, path: str, wrapper: nn.Module, kind: str) -> None:
+    if kind in LORA_FAMILY:
+        # LoRA must wrap the backbone linear layer itself, so it goes innermost
+        for w in _chain(model, path):
+            if getattr(w, "_lmfuse_delta_kind", None) in LORA_FAMILY:
+                raise ValueError(f"{path} already carries the {w._lmfuse_delta_kind} delta "
+                                 f"{w._lmfuse_delta_name!r}; one LoRA-family delta per layer")
+        holder, attr = _chain_holder(model, path, None)
+        if wrapper.__dict__.get("_lmfuse_restore") is None:
+            wrapper.base = getattr(holder, attr)
+    else:
+        holder, attr = get_slot(model, path)  # other deltas apply after the ones already there
+        wrapper.base = getattr(holder, attr)
+    setattr(holder, attr, wrapper)
+
+
+def _chain(model: nn.Module, path: str) -> list[nn.Module]:
+    holder, attr = get_slot(model, path)
+    out, cur = [], getattr(holder, attr)
+    while is_delta_wrapper(cur):
+        out.append(cur)
+        cur = cur.base
+    return out
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"name must be an identifier (letters, digits, _), got {name!r}")
+    if name in get_deltas(model):
+        raise ValueError(f"a delta named {name!r} is already attached; detach it or pick another name")
+
+
+def _mark(wrapper: nn.Module, delta: Delta) -> None:
+    wrapper._lmfuse_delta_name = delta.name
+    wrapper._lmfuse_delta_kind = delta.kind
+
+
+def attach(model: nn.Module, config: DeltaConfig, name: str = "default",
+           generator: Optional[torch.Generator] = None, *, _paths=None, _per_module=None) -> Delta:
+    """Attach a delta to ``model`` in place (no change to its code) and return its handle.
+
+    Args:
+        model: any ``nn.Module``; default targets exist for Llama-family, GPT-2 and BERT-family
+            ``transformers`` models (``config.model_type``).
+        config: a :class:`LoRAConfig`, :class:`SoRAConfig`, :class:`AdapterConfig`,
+            :class:`ParallelAdapterConfig`, :class:`BitFitConfig` or :class:`SoftPromptConfig`.
+            ``config.targets`` / ``config.exclude`` address modules (see :mod:`.addressing`).
+        name: the delta's name (an identifier); several deltas compose on one model.
+        generator: a ``torch.Generator`` for the random initialisation (reproducible attach).
+
+    The new parameters have the dtype and device of the modules they attach to and require grad;
+    call :func:`freeze` to train the delta alone. Every delta starts as the identity (LoRA ``B``,
+    adapter ``up`` and BitFit biases are zero), except a soft prompt, which adds tokens.
+    """
+    model = unwrap_model(model)
+    if not isinstance(config, DeltaConfig) or not config.kind:
+        raise TypeError(f"config must be one of lmfuse.delta's *Config objects, got {type(config).__name__}")
+    _check_name(model, name)
+    delta = Delta(name, config)
+    if isinstance(config, SoftPromptConfig):
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError(f"a soft prompt needs a model with get_input_embeddings() -> nn.Embedding, "
+                            f"{type(model).__name__} has none")
+        delta.soft = SoftPrompt(emb, config.n_tokens, config.init, generator)
+        _attach_soft(model, delta)
+    else:
+        if _paths is None:
+            targets = config.targets if config.targets is not None else default_targets(model, config.kind)
+            _paths = resolve_targets(model, targets, config.exclude, _ACCEPT.get(config.kind), config.kind)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        for path in _paths:
+            module = get_logical(model, path)
+            if _per_module and path in _per_module:  # a pruned SoRA layer: its own rank / gate / scaling
+                spec = _per_module[path]
+                wrapper = build_lora(module, config, r=spec["r"], gated=spec["gated"], generator=generator)
+                wrapper.scaling, wrapper.lora_alpha = spec["scaling"], spec["scaling"] * spec["r"]
+            else:
+                wrapper = build_wrapper(module, config, hidden, generator)
+            _mark(wrapper, delta)
+            _insert(model, path, wrapper, config.kind)
+            delta.wrappers[path], delta.originals[path] = wrapper, module
+    delta.attached = True
+    get_deltas(model)[name] = delta
+    return delta
+
+
+def _attach_soft(model: nn.Module, delta: Delta) -> None:
+    model.add_module(f"lmfuse_soft_prompt_{delta.name}", delta.soft)
+    pre, post = make_hooks(model, delta.soft)
+    delta._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                    model.register_forward_hook(post, with_kwargs=True)]
+
+
+def _get(model: nn.Module, name: str) -> Delta:
+    deltas = get_deltas(model)
+    if name not in deltas:
+        raise KeyError(f"no delta named {name!r} is attached (attached: {sorted(deltas)})")
+    return deltas[name]
+
+
+def detach(model: nn.Module, name: str = "default") -> Delta:
+    """Remove delta ``name``; the backbone modules it wrapped are put back (the very same objects,
+    un-merged first), so the model computes exactly what it did before. Returns the handle, which
+    keeps the delta's parameters for :func:`reattach`."""
+    model = unwrap_model(model)
+    delta = _get(model, name)
+    for path, wrapper in delta.wrappers.items():
+        if getattr(wrapper, "merged", False):
+            wrapper.unmerge()
+        holder, attr = _chain_holder(model, path, wrapper)
+        setattr(holder, attr, restore_target(wrapper))
+    if delta.soft is not None:
+        for h in delta._hooks:
+            h.remove()
+        delta._hooks = []
+        delattr(model, f"lmfuse_soft_prompt_{delta.name}")
+    delta.attached = False
+    del get_deltas(model)[name]
+    return delta
+
+
+def reattach(model: nn.Module, delta: Delta) -> Delta:
+    """Put a detached delta back on the model it came from, with its current parameters. (To put a
+    delta on another copy of the backbone, :func:`lmfuse.delta.save` and :func:`lmfuse.delta.load`.)"""
+    model = unwrap_model(model)
+    if not isinstance(delta, Delta):
+        raise TypeError(f"delta must be a Delta handle (from attach/detach), got {type(delta).__name__}")
+    if delta.attached:
+        raise ValueError(f"delta {delta.name!r} is already attached")
+    _check_name(model, delta.name)
+    for path, original in delta.originals.items():
+        if get_logical(model, path) is not original:
+            raise ValueError(f"{path} is not the module delta {delta.name!r} was detached from; "
+                             f"use save/load to move a delta to another model")
+    for path, wrapper in delta.wrappers.items():
+        refresh_lora_base(wrapper)
+        _insert(model, path, wrapper, delta.kind)
+    if delta.soft is not None:
+        _attach_soft(model, delta)
+    delta.attached = True
+    get_deltas(model)[delta.name] = delta
+    return delta
+
+
+def _lora_deltas(model: nn.Module, name: Optional[str]) -> list[Delta]:
+    if name is not None:
+        d = _get(model, name)
+        if d.kind not in LORA_FAMILY:
+            raise ValueError(f"only LoRA-family deltas merge into base weights; {name!r} is {d.kind}")
+        return [d]
+    return [d for d in get_deltas(model).values() if d.kind in LORA_FAMILY]
+
+
+def merge(model: nn.Module, name: Optional[str] = None, unwrap: bool = False) -> list[str]:
+    """Fold LoRA / SoRA deltas (``name`` or all of them) into the base weights.
+
+    ``unwrap=False`` keeps the wrappers (forward is then the base layer alone; :func:`unmerge` and
+    :func:`detach` restore the base weights bit for bit). ``unwrap=True`` also removes the wrappers,
+    so the model is the plain backbone again with merged weights (zero overhead, nothing to undo);
+    those deltas leave the model. Returns the merged deltas' names.
+    """
+    model = unwrap_model(model)
+    done = []
+    for d in _lora_deltas(model, name):
+        for path, w in d.wrappers.items():
+            w.merge()
+            if unwrap:
+                holder, attr = _chain_holder(model, path, w)
+                setattr(holder, attr, restore_target(w))
+                w.__dict__.pop("_unmerged_weight", None)  # the merged weights are now the backbone's
+        if unwrap:
+            d.attached = False
+            d.wrappers, d.originals = {}, {}
+            del get_deltas(model)[d.name]
+        done.append(d.name)
+    return done
+
+
+def unmerge(model: nn.Module, name: Optional[str] = None) -> list[str]:
+    """Undo :func:`merge` (without ``unwrap``) exactly. Returns the names of the deltas unmerged."""
+    model = unwrap_model(model)
+    done = []
+    for d in _lora_deltas(model, name):
+        for w in d.wrappers.values():
+            w.unmerge()
+        done.append(d.name)
+    return done
+
+
+def backbone_named_parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """``(module_path, logical_param_name, param)`` of the backbone (delta parameters excluded)."""
+    seen = set()
+    for path, module in iter_backbone_modules(unwrap_model(model)):
+        for n, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:  # tied weights once
+                seen.add(id(p))
+                yield path, f"{path}.{n}" if path else n, p
+
+
+def freeze(model: nn.Module, extras: Iterable[str] = ()) -> dict[str, int]:
+    """Freeze the backbone: only the attached deltas' parameters, plus the backbone parameters
+    addressed by ``extras`` (plain names / ``"re:"`` patterns matched against parameter names,
+    module paths and their ancestors, e.g. ``"lm_head"`` or ``"re:.*norm.*"``), require grad.
+    Returns ``{"trainable": n, "frozen": m}`` parameter counts."""
+    model = unwrap_model(model)
+    extras = (extras,) if isinstance(extras, str) else tuple(extras)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for d in get_deltas(model).values():
+        for p in d.parameters():
+            p.requires_grad_(True)
+    if extras:
+        hit = 0
+        for path, pname, p in backbone_named_parameters(model):
+            parts = path.split(".") if path else []
+            ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            if matches_any(pname, extras) or any(matches_any(a, extras) for a in ancestors):
+                p.requires_grad_(True)
+                hit += 1
+        if hit == 0:
+            raise ValueError(f"extras={list(extras)} address no backbone parameter")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "frozen": sum(p.numel() for p in model.parameters()) - trainable}
+
+
+def delta_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of every attached delta (for an optimizer)."""
+    for d in get_deltas(model).values():
+        yield from d.parameters()
+
+
+__all__ = ["Delta", "attach", "detach", "reattach", "merge", "unmerge", "freeze", "get_deltas",
+           "delta_parameters", "backbone_named_parameters", "unwrap_model", "innermost"]
