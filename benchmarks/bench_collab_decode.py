@@ -1,13 +1,18 @@
 """Benchmark: ``collab_decode_step`` (one collaborative decoding step: combine, sample, statistics).
 
 Providers: ``lmfuse`` (``lmfuse.ops.collab_decode_step`` on the backend lmfuse picks: the fused
-Triton kernel on GPU once it lands, the reference elsewhere), ``eager`` (the same computation
-written as a user would in PyTorch: log-softmaxes, plausibility mask, softmax, multinomial,
-entropy/top-2 of the small model) and, on CUDA, ``eager+compile`` (``torch.compile`` of it).
+Triton kernel on GPU, the ``cpp`` kernel on CPU), ``reference`` (the op forced onto its PyTorch
+reference, which materialises the combined logits and their softmax), ``lmfuse-triton`` /
+``lmfuse-cpp`` (the kernel forced), ``eager`` (the same computation written as a user would in
+PyTorch: log-softmaxes, plausibility mask, softmax, multinomial, entropy/top-2 of the small
+model; argmax for the greedy rows; for the sampled rows it draws with ``torch.multinomial`` and
+does no top-p, so it does less work than the op) and, on CUDA, ``eager+compile`` (``torch.compile`` of it).
 
 Shapes: GPU ``B ∈ {1, 8, 64}``, ``V ∈ {32000, 151936}``, bf16, contrastive mode, temperature 1
-with top-p 0.9 (the filter threshold is computed on the host side of the op); CPU ``B=8,
-V=49152`` fp32. Bytes: both logit tensors read once.
+with top-p 0.9 (the filter threshold is computed on the host side of the op: one sort of the
+combined logits, which every backend shares); CPU ``B=8, V=49152`` fp32, the same step, plus
+the greedy step (no threshold) where the kernel alone is timed. Bytes: both logit tensors read
+once.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ from lmfuse.bench.harness import working_set_note
 OP = "collab_decode_step"
 
 
-def eager_step(small, large, alpha=0.1):
+def eager_step(small, large, alpha=0.1, greedy=False):
     """What a user writes without lmfuse (contrastive decoding + FS-GEN statistics)."""
     lp_l = torch.log_softmax(large.float(), -1)
     lp_s = torch.log_softmax(small.float(), -1)
     score = torch.where(lp_l >= lp_l.amax(-1, keepdim=True) + torch.log(torch.tensor(alpha)), lp_l - lp_s,
                         float("-inf"))
-    tokens = torch.multinomial(torch.softmax(score, -1), 1).squeeze(-1)
+    tokens = score.argmax(-1) if greedy else torch.multinomial(torch.softmax(score, -1), 1).squeeze(-1)
     p_s = lp_s.exp()
     ent = -(p_s * torch.nan_to_num(lp_s, neginf=0.0)).sum(-1)
     top = torch.topk(p_s, 2, -1).values
@@ -54,19 +59,43 @@ def _compiled(small, large):
     return Workload(lambda: fn(small, large)[0])
 
 
+def _ours(small, large, backend=None, **sampling) -> Workload:
+    if backend is not None and not ops.available_backends()[backend].available:
+        raise ProviderUnavailable(ops.available_backends()[backend].reason)
+    gen = torch.Generator(device=small.device).manual_seed(1)
+
+    def forward():
+        return ops.collab_decode_step(small, large, mode="contrastive", generator=gen, **sampling).tokens
+
+    context = (lambda: ops.use_backend(backend)) if backend is not None else None
+    if context is not None:
+        try:
+            with context():
+                forward()
+        except ops.BackendUnavailableError as e:
+            raise ProviderUnavailable(str(e)) from e
+    return Workload(forward, (), context)
+
+
 def cases(scale: str, device: torch.device) -> list[Case]:
     out = []
     for B, V, dtype in _shapes(scale, device):
         small = (torch.randn(B, V, device=device) * 2).to(dtype)
         large = (torch.randn(B, V, device=device) * 2).to(dtype)
         nb = torch.finfo(dtype).bits // 8
-        provs = [Provider("lmfuse", lambda s=small, l=large: Workload(lambda: ops.collab_decode_step(
-                     s, l, mode="contrastive", temperature=1.0, top_p=0.9).tokens)),
-                 Provider("eager", lambda s=small, l=large: Workload(lambda: eager_step(s, l)[0]))]
-        if device.type == "cuda":
-            provs.append(Provider("eager+compile", lambda s=small, l=large: _compiled(s, l)))
-        out.append(Case(OP, f"B={B},V={V}", dtype, device, provs,
-                        cost=lambda mode, B=B, V=V, nb=nb: (10 * B * V, 2 * nb * B * V),
-                        baseline="eager", target="lmfuse", modes=("fwd",),
-                        note=working_set_note(2 * nb * B * V, device)))
+        kernel = "triton" if device.type == "cuda" else "cpp"
+        for label, smp in (("top_p=0.9", dict(temperature=1.0, top_p=0.9)), ("greedy", dict())):
+            if label == "greedy" and device.type == "cuda":
+                continue  # GPU rows keep the issue's configuration only
+            provs = [Provider("lmfuse", lambda s=small, l=large, k=smp: _ours(s, l, **k)),
+                     Provider("reference", lambda s=small, l=large, k=smp: _ours(s, l, "reference", **k)),
+                     Provider(f"lmfuse-{kernel}", lambda s=small, l=large, k=smp, b=kernel: _ours(s, l, b, **k))]
+            provs.append(Provider("eager", lambda s=small, l=large, gr=label == "greedy": Workload(
+                lambda: eager_step(s, l, greedy=gr)[0])))
+            if device.type == "cuda":
+                provs.append(Provider("eager+compile", lambda s=small, l=large: _compiled(s, l)))
+            out.append(Case(OP, f"B={B},V={V},contrastive,{label}", dtype, device, provs,
+                            cost=lambda mode, B=B, V=V, nb=nb: (10 * B * V, 2 * nb * B * V),
+                            baseline="eager", target="lmfuse",
+                            modes=("fwd",), note=working_set_note(2 * nb * B * V, device)))
     return out

@@ -3,6 +3,7 @@
 // well-formed, contiguous inputs of one dtype.
 #include <torch/extension.h>
 
+#include <string>
 #include <tuple>
 
 #include "low_rank_linear_checks.h"
@@ -24,6 +25,11 @@ std::tuple<at::Tensor, at::Tensor> spec_verify_cpu(const at::Tensor& ids, const 
                                                    const at::Tensor& u, const at::Tensor& seeds, double inv_t,
                                                    const c10::optional<at::Tensor>& thr_t,
                                                    const c10::optional<at::Tensor>& thr_d);
+// collab_decode.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> collab_decode_step_cpu(
+    const at::Tensor& small, const c10::optional<at::Tensor>& large, const c10::optional<at::Tensor>& base,
+    int64_t mode, double log_alpha, double large_w, double small_w, double proxy_alpha, double inv_t,
+    const c10::optional<at::Tensor>& threshold, const at::Tensor& seeds);
 }  // namespace cpu
 }  // namespace lmfuse
 
@@ -59,6 +65,34 @@ std::tuple<at::Tensor, at::Tensor> spec_verify(const at::Tensor& ids, const c10:
   return lmfuse::cpu::spec_verify_cpu(ids, draft, target, n_draft, u, seeds, inv_t, thr_t, thr_d);
 }
 
+// collab_decode_step: the Python op validated modes and values; this re-checks what memory safety
+// depends on (shapes, dtypes, contiguity, device, which optional rows the mode reads).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> collab_decode_step(
+    const at::Tensor& small, const c10::optional<at::Tensor>& large, const c10::optional<at::Tensor>& base,
+    const std::string& mode, double log_alpha, double large_w, double small_w, double proxy_alpha, double inv_t,
+    const c10::optional<at::Tensor>& threshold, const at::Tensor& seeds) {
+  const int64_t m = mode == "none" ? 0 : mode == "contrastive" ? 1 : mode == "proxy" ? 2 : -1;
+  TORCH_CHECK(m >= 0, "collab_decode_step: mode must be none/contrastive/proxy, got ", mode);
+  TORCH_CHECK(small.dim() == 2 && small.size(0) >= 1 && small.size(1) >= 1 && small.size(1) < (int64_t(1) << 31),
+              "collab_decode_step: small_logits must be [B, V] with B, V >= 1 and V < 2^31");
+  const int64_t B = small.size(0), V = small.size(1);
+  auto chk = [&](const at::Tensor& t, const char* name, at::ScalarType dt, std::vector<int64_t> shape) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dt && t.sizes() == at::IntArrayRef(shape),
+                "collab_decode_step: '", name, "' must be a contiguous CPU ", dt, " tensor of shape ", shape,
+                ", got ", t.scalar_type(), " ", t.sizes());
+  };
+  chk(small, "small_logits", small.scalar_type(), {B, V});
+  const bool has_l = large.has_value() && large->defined(), has_b = base.has_value() && base->defined();
+  TORCH_CHECK(has_l || m == 0, "collab_decode_step: mode ", mode, " needs large_logits");
+  TORCH_CHECK(has_b == (m == 2), "collab_decode_step: small_base_logits is given iff mode is proxy");
+  if (has_l) chk(*large, "large_logits", small.scalar_type(), {B, V});
+  if (has_b) chk(*base, "small_base_logits", small.scalar_type(), {B, V});
+  if (threshold.has_value() && threshold->defined()) chk(*threshold, "threshold", at::kFloat, {B});
+  chk(seeds, "seeds", at::kLong, {B, 2});
+  return lmfuse::cpu::collab_decode_step_cpu(small, large, base, m, log_alpha, large_w, small_w, proxy_alpha, inv_t,
+                                             threshold, seeds);
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& down,
                                        const at::Tensor& up,
                                        const c10::optional<at::Tensor>& bias, bool write_h) {
@@ -83,6 +117,13 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Speculative verification (see lmfuse.ops.spec_verify). Returns (tokens [B, k+1], num_accepted [B]); "
         "num_accepted is -1 for a row whose read logits hold NaN/+inf or no finite value.");
+  m.def("collab_decode_step", &collab_decode_step, py::arg("small_logits"), py::arg("large_logits"),
+        py::arg("small_base_logits"), py::arg("mode"), py::arg("log_alpha"), py::arg("large_weight"),
+        py::arg("small_weight"), py::arg("proxy_alpha"), py::arg("inv_temperature"), py::arg("threshold"),
+        py::arg("seeds"), py::call_guard<py::gil_scoped_release>(),
+        "One collaborative decoding step (see lmfuse.ops.collab_decode_step). Returns (tokens [B] int64, "
+        "entropy, top1, margin [B] float32, differs [B] bool); token -1 marks a row with NaN/+inf inputs or "
+        "no finite combined logit.");
   m.def("has_openmp", &lmfuse::cpu::has_openmp,
         "True when the extension was compiled with OpenMP (row blocks run in parallel).");
   // The GIL is released around the kernels: they touch no Python objects and can take

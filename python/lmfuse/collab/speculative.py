@@ -143,13 +143,13 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
         n_drafts = (remaining - 1).clamp(0, max(k, 0))
         draft_logits, drafted = None, False
         if k <= 0:
-            # One token left in every row: a plain target step (one dummy draft, zero counted).
-            k, drafts = 1, torch.zeros(rows.numel(), 1, dtype=torch.long, device=device)
-            n_drafts = torch.zeros_like(n_drafts)
+            drafts = torch.zeros(rows.numel(), 0, dtype=torch.long, device=device)
         elif lookup:
             hist = [torch.cat([prompts[r], out.tokens[r, : int(out.count[r])]]) for r in rows.tolist()]
             drafts, counts = draft.propose(hist, k)
-            drafts, n_drafts = drafts.to(device), torch.minimum(n_drafts, counts.to(device))
+            n_drafts = torch.minimum(n_drafts, counts.to(device))
+            # Only as many columns as the longest proposal: no target work on empty drafts.
+            drafts = drafts[:, : int(n_drafts.max())].to(device)
         else:
             toks, valid = left_padded(pending, pad, device)
             q = drf.feed(toks, valid, keep=1)[:, -1]
@@ -164,11 +164,18 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
             # Greedy verification needs no q: a draft is accepted iff it is the target's argmax.
             draft_logits = torch.stack(qs, dim=1) if temperature > 0 else None
 
+        k = drafts.shape[1]
         p = tgt.feed(torch.cat([last[:, None], drafts], dim=1))
         target_calls += 1
-        res = ops.spec_verify(drafts, draft_logits, p, temperature=temperature, num_draft_tokens=n_drafts,
-                              top_k=top_k, top_p=top_p, generator=generator)
-        n_acc = res.num_accepted.to(device=device, dtype=torch.long)
+        if k == 0:
+            # Nothing to verify (budget or no lookup match): an ordinary decoding step from p.
+            tokens = _sample(p[:, 0], temperature, top_k, top_p, generator)[:, None]
+            n_acc = torch.zeros(rows.numel(), dtype=torch.long, device=device)
+        else:
+            res = ops.spec_verify(drafts, draft_logits, p, temperature=temperature, num_draft_tokens=n_drafts,
+                                  top_k=top_k, top_p=top_p, generator=generator)
+            tokens, n_acc = res.tokens, res.num_accepted.to(device=device, dtype=torch.long)
+        n_drafts = n_drafts.clamp(max=k)
 
         # Roll back each row to its own accepted length: the target keeps [last, d_1..d_n];
         # the draft keeps its pending tokens and d_1..d_min(n, k-1) (it never saw d_k).
@@ -178,7 +185,7 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
         new_last = torch.empty_like(last)
         for i, r in enumerate(rows.tolist()):
             n = int(n_acc[i])
-            emitted = res.tokens[i, : n + 1].to(device)
+            emitted = tokens[i, : n + 1].to(device)
             proposed[r] += int(n_drafts[i])
             row_calls[r] += 1
             accepted[r] += n

@@ -71,3 +71,14 @@ def grad_or_none(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
 def empty_like_none(ref: torch.Tensor) -> torch.Tensor:
     """Placeholder output for a gradient that was not asked for (custom ops return tensors)."""
     return ref.new_empty((0,))
+
+
+def cost_for_mode(fwd: tuple[int, int], bwd: tuple[int, int], mode: str) -> tuple[int, int]:
+    """(flops, bytes) for a benchmark mode from the op's forward and backward formulas."""
+    if mode == "fwd":
+        return fwd
+    if mode == "bwd":
+        return bwd
+    if mode == "full":
+        return fwd[0] + bwd[0], fwd[1] + bwd[1]
+    raise ValueError(f"mode must be 'fwd', 'bwd' or 'full', got {mode!r}")

@@ -21,10 +21,19 @@ temperature with top-k / top-p, noise as in ``_sampling``) and returns the small
 per-row statistics at temperature 1: entropy (nats), top-1 probability, top-1 − top-2
 probability margin, and whether the emitted token differs from ``argmax(small_logits)``.
 
-Outputs are float32 (float64 for float64 inputs). Backend: ``reference`` only for now (the fused
-single-pass Triton kernel is not written yet); ``collab_decode_step`` is registered with
-``torch.library`` (fake impl included); ``contrastive_logits``/``proxy_logits`` are plain
-PyTorch compositions that ``torch.compile`` traces directly.
+Outputs are float32 (float64 for float64 inputs). ``collab_decode_step`` backends: ``triton``
+(CUDA; one program per row, two streaming passes over V, nothing of size V written), ``cpp``
+(CPU default; the same two passes, one parallel task per row) and ``reference`` (readable, it
+materialises the combined logits). It is registered with ``torch.library`` (fake impl
+included); ``contrastive_logits``/``proxy_logits`` are plain PyTorch compositions that
+``torch.compile`` traces directly.
+
+Top-k / top-p become one fp32 threshold per row on the scaled combined logits (``_sampling``).
+For contrastive / proxy the kernels recompute the combined logits themselves, and their
+log-partitions may differ from the host's in the last ulp, which would drop the very token the
+threshold was taken from; so the threshold is lowered by a slack of ``2^-16·(1 + |thr|)``
+(``THRESHOLD_SLACK``) on every backend. Only a token tied with the cut to within that slack
+(relative probability ~1.5e-5) is affected: it is kept, as exact ties already are.
 """
 
 from __future__ import annotations
@@ -36,10 +45,13 @@ import torch
 from torch import Tensor
 
 from . import _sampling
-from ._common import check_tensor, pick_backend
+from ._common import KERNEL_DTYPES, check_tensor, pick_backend
 
 MODES = ("none", "contrastive", "proxy")
-PREFERENCE = {"cuda": ("reference",), "cpu": ("reference",)}  # a fused Triton kernel is not written yet
+PREFERENCE = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+THRESHOLD_SLACK = 2.0 ** -16
+_BAD_ROWS = ("collab_decode_step: the combined logits hold NaN/+inf, or a row has no finite logit (check the "
+             "inputs for NaN and fully masked rows)")
 
 
 class DecodeStepResult(NamedTuple):
@@ -145,8 +157,7 @@ def collab_decode_step_reference(small_logits, large_logits, small_base_logits, 
     comb = combine_reference(small_logits, large_logits, small_base_logits, mode, alpha, large_weight,
                              small_weight, proxy_alpha)
     if bool((torch.isnan(comb) | (comb == float("inf"))).any() | ~torch.isfinite(comb).any(-1).any()):
-        raise ValueError("collab_decode_step: the combined logits hold NaN/+inf, or a row has no finite "
-                         "logit (check the inputs for NaN and fully masked rows)")
+        raise ValueError(_BAD_ROWS)
     if temperature == 0:
         tokens = comb.argmax(-1)
     else:
@@ -162,10 +173,41 @@ def _decode_op(small_logits: Tensor, large_logits: Optional[Tensor], small_base_
                mode: str, alpha: float, large_weight: float, small_weight: float, proxy_alpha: float,
                temperature: float, threshold: Optional[Tensor], seeds: Tensor
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    pick_backend("collab_decode_step", small_logits, PREFERENCE)  # honours (and rejects) a forced backend
-    r = collab_decode_step_reference(small_logits, large_logits, small_base_logits, mode, alpha, large_weight,
-                                     small_weight, proxy_alpha, temperature, threshold, seeds)
-    return tuple(t.contiguous() for t in r)
+    unsupported = {} if small_logits.dtype in KERNEL_DTYPES else {
+        b: f"kernels take {[str(d) for d in KERNEL_DTYPES]}, got {small_logits.dtype}" for b in ("triton", "cpp")}
+    unsupported.update(_stale_extension())
+    backend = pick_backend("collab_decode_step", small_logits, PREFERENCE, unsupported)
+    if backend == "reference":
+        r = collab_decode_step_reference(small_logits, large_logits, small_base_logits, mode, alpha, large_weight,
+                                         small_weight, proxy_alpha, temperature, threshold, seeds)
+        return tuple(t.contiguous() for t in r)
+    args = (small_logits.contiguous(), None if large_logits is None else large_logits.contiguous(),
+            None if small_base_logits is None else small_base_logits.contiguous(), mode,
+            math.log(alpha) if alpha > 0 else -math.inf, float(large_weight), float(small_weight),
+            float(proxy_alpha), _sampling.inv_temperature(temperature),
+            None if threshold is None else threshold.contiguous(), seeds.contiguous())
+    if backend == "triton":
+        from ..triton_kernels import collab_decode as tk
+
+        out = tk.collab_decode_step(*args)
+    else:
+        import lmfuse._C as ext
+
+        out = ext.collab_decode_step(*args)
+    if bool((out[0] < 0).any()):  # the kernels mark an invalid row with token -1
+        raise ValueError(f"{_BAD_ROWS} [{backend} backend, row {int((out[0] < 0).nonzero()[0, 0])}]")
+    return tuple(out)
+
+
+def _stale_extension() -> dict[str, str]:
+    """{"cpp": why} when lmfuse._C exists but predates this kernel (rebuild to enable it)."""
+    try:
+        import lmfuse._C as ext
+    except Exception:
+        return {}  # unavailable anyway; _backend reports why
+    if hasattr(ext, "collab_decode_step"):
+        return {}
+    return {"cpp": "lmfuse._C was built without collab_decode_step (rebuild: pip install --no-build-isolation -e .)"}
 
 
 @_decode_op.register_fake
@@ -175,6 +217,23 @@ def _decode_fake(small_logits, large_logits, small_base_logits, mode, alpha, lar
     f = small_logits.new_empty((B,), dtype=torch.float32)
     return (small_logits.new_empty((B,), dtype=torch.int64), f, torch.empty_like(f), torch.empty_like(f),
             small_logits.new_empty((B,), dtype=torch.bool))
+
+
+def _filter_thresholds(comb: Tensor, inv_t: float, top_k: Optional[int], top_p: Optional[float]) -> Optional[Tensor]:
+    """``_sampling.filter_thresholds`` of the combined logits, on their finite entries only.
+
+    Contrastive scores are −inf outside the plausible set (typically tens of tokens out of tens of
+    thousands), so the full-width sort + softmax + cumsum of top-p would cost more than the whole
+    kernel. The threshold depends only on the finite values, and ``topk`` (sorted, O(V)) gives
+    them, −inf padded, in the order the sort would: the result is the same token value."""
+    if torch.compiler.is_compiling():  # the shortcut needs a data-dependent size: trace the full-width path
+        return _sampling.filter_thresholds(comb, inv_t, top_k, top_p)
+    n_fin = int(torch.isfinite(comb).sum(-1).max())
+    if 0 < n_fin <= comb.shape[-1] // 4:
+        comb = torch.topk(comb, n_fin, dim=-1).values
+        if top_k is not None and top_k >= n_fin:
+            top_k = None  # keeps every finite token, as it would on the full row
+    return _sampling.filter_thresholds(comb, inv_t, top_k, top_p)
 
 
 def collab_decode_step(small_logits: Tensor, large_logits: Optional[Tensor] = None,
@@ -225,7 +284,9 @@ def collab_decode_step(small_logits: Tensor, large_logits: Optional[Tensor] = No
         if top_k is not None or top_p is not None:
             comb = combine_reference(small_logits, large_logits, small_base_logits, mode, alpha, large_weight,
                                      small_weight, proxy_alpha)
-            threshold = _sampling.filter_thresholds(comb, _sampling.inv_temperature(temperature), top_k, top_p)
+            threshold = _filter_thresholds(comb, _sampling.inv_temperature(temperature), top_k, top_p)
+            if threshold is not None and mode != "none":  # see THRESHOLD_SLACK in the module docstring
+                threshold = threshold - THRESHOLD_SLACK * (1.0 + threshold.abs())
     out = torch.ops.lmfuse.collab_decode_step(small_logits, large_logits, small_base_logits, mode, float(alpha),
                                               float(large_weight), float(small_weight), float(proxy_alpha),
                                               float(temperature), threshold, seeds)

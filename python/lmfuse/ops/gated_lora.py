@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (KERNEL_DTYPES, check_dim, check_same, check_tensor, dtype_limits,
+from ._common import (cost_for_mode, KERNEL_DTYPES, check_dim, check_same, check_tensor, dtype_limits,
                       empty_like_none, grad_or_none, pick_backend)
 
 MAX_FUSED_RANK = 256
@@ -62,13 +62,7 @@ def cost(tokens: int, d_in: int, rank: int, d_out: int, dtype_bytes: int, mode: 
     if weight_grad:
         bwd_f += 2 * T * N * K
         bwd_b += b * (T * N + T * K + N * K)
-    if mode == "fwd":
-        return fwd
-    if mode == "bwd":
-        return bwd_f, bwd_b
-    if mode == "full":
-        return fwd[0] + bwd_f, fwd[1] + bwd_b
-    raise ValueError(f"mode must be 'fwd', 'bwd' or 'full', got {mode!r}")
+    return cost_for_mode(fwd, (bwd_f, bwd_b), mode)
 
 
 def _validate(x, weight, bias, lora_A, lora_B, gate, scaling, lora_input) -> None:

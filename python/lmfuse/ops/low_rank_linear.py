@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (KERNEL_DTYPES, check_dim, check_same, check_tensor, dtype_limits,
+from ._common import (cost_for_mode, KERNEL_DTYPES, check_dim, check_same, check_tensor, dtype_limits,
                       empty_like_none, grad_or_none, pick_backend)
 
 MAX_FUSED_RANK = 256
@@ -45,13 +45,7 @@ def cost(tokens: int, d_in: int, rank: int, d_out: int, dtype_bytes: int, mode: 
     fwd = (2 * T * R * (K + N), b * (T * K + R * K + N * R + T * N))
     bwd = (4 * T * R * (K + N),
            b * (T * N + T * K + T * R + R * K + N * R + T * K + R * K + N * R + 2 * T * R))
-    if mode == "fwd":
-        return fwd
-    if mode == "bwd":
-        return bwd
-    if mode == "full":
-        return fwd[0] + bwd[0], fwd[1] + bwd[1]
-    raise ValueError(f"mode must be 'fwd', 'bwd' or 'full', got {mode!r}")
+    return cost_for_mode(fwd, bwd, mode)
 
 
 def _validate(x, down_weight, up_weight, bias) -> None:

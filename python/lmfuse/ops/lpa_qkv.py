@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._common import (check_dim, check_same, check_tensor, dtype_limits, empty_like_none,
+from ._common import (cost_for_mode, check_dim, check_same, check_tensor, dtype_limits, empty_like_none,
                       grad_or_none, pick_backend)
 from .low_rank_linear import MAX_FUSED_RANK
 
@@ -43,13 +43,7 @@ def cost(tokens: int, d_in: int, rank: int, widths: Sequence[int], dtype_bytes: 
     fwd = (2 * T * 3 * R * K + 2 * T * R * Nt, b * (T * K + T * Nt) + w)
     # bwd: read dy, x, h; write dx; dh [T, 3r] written and read once; weight grads written.
     bwd = (2 * fwd[0], b * (T * Nt + 2 * T * K + T * 3 * R + 2 * T * 3 * R) + 2 * w)
-    if mode == "fwd":
-        return fwd
-    if mode == "bwd":
-        return bwd
-    if mode == "full":
-        return fwd[0] + bwd[0], fwd[1] + bwd[1]
-    raise ValueError(f"mode must be 'fwd', 'bwd' or 'full', got {mode!r}")
+    return cost_for_mode(fwd, bwd, mode)
 
 
 def _validate(x, down_weights, up_weights, biases) -> None:
