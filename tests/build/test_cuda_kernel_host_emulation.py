@@ -13,16 +13,14 @@ real, on shapes that are not multiples of any tile size. What it cannot show: GP
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from lmfuse.testing import assert_close_to_reference, rel_error
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from .host_emulation import compile_emulator
+
 
 STUB_FP16 = r"""
 #pragma once
@@ -113,22 +111,9 @@ DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp("cuda_emu")
-    (d / "cuda_fp16.h").write_text(STUB_FP16)
-    (d / "cuda_bf16.h").write_text(STUB_BF16)
-    (d / "cuda_runtime.h").write_text(STUB_RUNTIME)
-    (d / "harness.cpp").write_text(HARNESS)
-    lib = d / "libemu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
-           "-I", str(d), "-I", str(CSRC), str(d / "harness.cpp"), "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and ("barrier" in proc.stderr or "_Float16" in proc.stderr):
-        pytest.skip(f"host compiler lacks C++20 <barrier> or _Float16:\n{proc.stderr[-2000:]}")
-    assert proc.returncode == 0, f"emulation harness failed to compile:\n{proc.stderr[-6000:]}"
-    return ctypes.CDLL(str(lib))
+    files = {"cuda_fp16.h": STUB_FP16, "cuda_bf16.h": STUB_BF16, "cuda_runtime.h": STUB_RUNTIME,
+             "harness.cpp": HARNESS}
+    return compile_emulator(tmp_path_factory.mktemp("cuda_emu"), files, "libemu.so")
 
 
 def _ptr(t):

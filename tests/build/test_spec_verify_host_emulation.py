@@ -15,9 +15,6 @@ the launch itself, memory-model subtleties beyond the barriers).
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +22,8 @@ import torch
 from lmfuse.ops import _sampling
 from lmfuse.ops.spec_verify import reference
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from .host_emulation import compile_emulator
+
 
 STUBS = {
     "cuda_fp16.h": r"""
@@ -114,21 +112,8 @@ DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp("sv_emu")
-    for name, text in STUBS.items():
-        (d / name).write_text(text)
-    (d / "harness.cpp").write_text(HARNESS)
-    lib = d / "libsvemu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
-           "-I", str(d), "-I", str(CSRC), str(d / "harness.cpp"), "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and ("barrier" in proc.stderr or "_Float16" in proc.stderr):
-        pytest.skip(f"host compiler lacks C++20 <barrier> or _Float16:\n{proc.stderr[-2000:]}")
-    assert proc.returncode == 0, f"emulation harness failed to compile:\n{proc.stderr[-6000:]}"
-    return ctypes.CDLL(str(lib))
+    return compile_emulator(tmp_path_factory.mktemp("sv_emu"), dict(STUBS, **{"harness.cpp": HARNESS}),
+                            "libsvemu.so")
 
 
 def _p(t):

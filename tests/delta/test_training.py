@@ -1,8 +1,10 @@
 """An attached model trains like any other: torch.compile, gradient checkpointing, DDP (gloo,
 two CPU processes), soft prompt loss semantics."""
 
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -75,7 +77,7 @@ def _train(model, batches):
 def _ddp_worker(rank, world, port, seed, dseed, batches, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         m = _decorated(seed, dseed)
         ddp = torch.nn.parallel.DistributedDataParallel(m)
@@ -83,6 +85,9 @@ def _ddp_worker(rank, world, port, seed, dseed, batches, out):
         _train(ddp, [b[rank * per:(rank + 1) * per] for b in batches])
         if rank == 0:
             torch.save({n: d.state_dict() for n, d in delta.get_deltas(ddp).items()}, out)
+        # rank 0 hosts the rendezvous store: no rank tears down before every rank is done
+        # (without this a rank could wait forever on a store whose host had exited)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -98,7 +103,13 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     g = torch.Generator().manual_seed(dseed)
     batches = [token_ids(batch=4, seq=9, generator=g) for _ in range(3)]  # global batch 4, 2 per rank
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), seed, dseed, batches, out), nprocs=2, join=True)
+    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), seed, dseed, batches, out), nprocs=2, join=False)
+    deadline = time.monotonic() + 300  # a hung collective must fail the test, never hang CI
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 300 s")
     single = _decorated(seed, dseed)
     start = {n: d.state_dict() for n, d in delta.get_deltas(single).items()}
     start = {n: {k: v.clone() for k, v in s.items()} for n, s in start.items()}
