@@ -22,7 +22,7 @@ import itertools
 import torch
 
 import lmfuse.ops as ops
-from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
+from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload, forced_backend_workload
 from lmfuse.bench.harness import working_set_note
 
 OP = "collab_decode_step"
@@ -60,21 +60,12 @@ def _compiled(small, large):
 
 
 def _ours(small, large, backend=None, **sampling) -> Workload:
-    if backend is not None and not ops.available_backends()[backend].available:
-        raise ProviderUnavailable(ops.available_backends()[backend].reason)
     gen = torch.Generator(device=small.device).manual_seed(1)
 
     def forward():
         return ops.collab_decode_step(small, large, mode="contrastive", generator=gen, **sampling).tokens
 
-    context = (lambda: ops.use_backend(backend)) if backend is not None else None
-    if context is not None:
-        try:
-            with context():
-                forward()
-        except ops.BackendUnavailableError as e:
-            raise ProviderUnavailable(str(e)) from e
-    return Workload(forward, (), context)
+    return forced_backend_workload(forward, (), backend)
 
 
 def cases(scale: str, device: torch.device) -> list[Case]:

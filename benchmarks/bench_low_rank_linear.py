@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import lmfuse.ops as ops
-from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
+from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload, forced_backend_workload
 from lmfuse.bench.harness import working_set_note
 
 OP = "low_rank_linear"
@@ -84,28 +84,13 @@ def _functional(qkv_name: str | None, lrl_name: str, x, h, d, r, backend: str | 
     else:
         def qkv(x_, downs_, ups_, biases_):
             return tuple(lrl(x_, a, b, c) for a, b, c in zip(downs_, ups_, biases_))
-    context = None
-    if backend is not None:
-        status = ops.available_backends().get(backend)
-        if status is None or not status.available:
-            raise ProviderUnavailable(getattr(status, "reason", f"no backend {backend!r}"))
-        context = lambda: ops.use_backend(backend)  # noqa: E731
     downs, ups, biases = _lpa_weights(d, r, x.device, x.dtype)
 
     def forward():
         q, k, v = qkv(x, tuple(downs[:3]), tuple(ups[:3]), tuple(biases[:3]))
         return q, k, v, lrl(h, downs[3], ups[3], biases[3])
 
-    work = Workload(forward, [x, h, *downs, *ups, *biases], context)
-    if context is not None:  # a forced backend that cannot serve these tensors says so here
-        try:
-            with context():
-                forward()
-        except Exception as e:
-            if type(e).__name__ == "BackendUnavailableError":
-                raise ProviderUnavailable(str(e)) from e
-            raise
-    return work
+    return forced_backend_workload(forward, [x, h, *downs, *ups, *biases], backend)
 
 
 def _modules_workload(layers: list[nn.Module], x, h, fn=None) -> Workload:

@@ -24,7 +24,7 @@ import itertools
 import torch
 
 import lmfuse.ops as ops
-from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
+from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload, forced_backend_workload
 from lmfuse.bench.harness import working_set_note
 
 OP = "spec_verify"
@@ -39,10 +39,6 @@ def _inputs(B, k, V, dtype, device):
 
 
 def _workload(ids, draft, target, backend=None, compiled=False) -> Workload:
-    if backend is not None:
-        st = ops.available_backends()[backend]
-        if not st.available:
-            raise ProviderUnavailable(st.reason)
     gen = torch.Generator(device=target.device).manual_seed(1)
     fn = ops.spec_verify
     if compiled:
@@ -57,18 +53,11 @@ def _workload(ids, draft, target, backend=None, compiled=False) -> Workload:
         seeds = torch.randint(0, 2**32, (B, 2), device=ids.device)
         fn(ids, draft, target, n, u, seeds, 1.0)  # compile outside the timed region
         return Workload(lambda: fn(ids, draft, target, n, u, seeds, 1.0))
-    context = (lambda: ops.use_backend(backend)) if backend is not None else None
 
     def forward():
         return fn(ids, draft, target, temperature=1.0, generator=gen).tokens
 
-    if context is not None:
-        try:
-            with context():
-                forward()
-        except ops.BackendUnavailableError as e:
-            raise ProviderUnavailable(str(e)) from e
-    return Workload(forward, (), context)
+    return forced_backend_workload(forward, (), backend)
 
 
 def _shapes(scale: str, device: torch.device):

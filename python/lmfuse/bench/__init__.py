@@ -16,10 +16,12 @@ Writing a benchmark module::
                      cost=lambda mode: my_op_cost(..., mode), baseline="torch", target="lmfuse")]
 """
 
-from .harness import MODES, Case, Measurement, Provider, ProviderUnavailable, Workload, run_case
+from .harness import (MODES, Case, Measurement, Provider, ProviderUnavailable, Workload,
+                      forced_backend_workload, run_case)
 from .timing import Ceilings, Timing, TimingPolicy, efficiency, measure_ceilings, roofline_ms, summarize
 
 __all__ = [
+    "forced_backend_workload",
     "MODES", "Case", "Ceilings", "Measurement", "Provider", "ProviderUnavailable", "Timing",
     "TimingPolicy", "Workload", "efficiency", "measure_ceilings", "roofline_ms", "run_case", "summarize",
 ]

@@ -52,6 +52,27 @@ class Workload:
     context: Callable[[], ContextManager] | None = None
 
 
+def forced_backend_workload(forward, grad_inputs: Sequence[torch.Tensor] = (),
+                            backend: str | None = None) -> Workload:
+    """A ``Workload`` whose calls run under ``lmfuse.ops.use_backend(backend)`` (none: the op's
+    own choice). A backend that is missing, or that cannot serve these tensors, turns into
+    ``ProviderUnavailable`` with its reason (probed by one untimed call), never an error row."""
+    if backend is None:
+        return Workload(forward, grad_inputs)
+    from lmfuse import ops
+
+    status = ops.available_backends().get(backend)
+    if status is None or not status.available:
+        raise ProviderUnavailable(getattr(status, "reason", f"no backend {backend!r}"))
+    context = lambda: ops.use_backend(backend)  # noqa: E731
+    try:
+        with context():
+            forward()
+    except ops.BackendUnavailableError as e:
+        raise ProviderUnavailable(str(e)) from e
+    return Workload(forward, grad_inputs, context)
+
+
 @dataclass
 class Provider:
     """One implementation of a case. ``cost`` overrides the case's cost when this provider
