@@ -6,7 +6,7 @@ import torch
 
 from lmfuse.ops import (BackendUnavailableError, available_backends, gated_lora_linear,
                         gated_lora_linear_reference, lora_linear, use_backend)
-from lmfuse.testing import assert_close_to_reference
+from lmfuse.testing import TOLERANCE, assert_close_to_reference, rel_error
 
 from .helpers import backend_params, poisoned_outputs
 
@@ -48,8 +48,18 @@ def _check_against_float64(backend, ins, scaling, dtype, lora_input=None):
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close_to_reference(y, y_ref, dtype, "y")
     names = [n for n, t in zip(NAMES + ("lora_input",), all_in) if t is not None and t.requires_grad]
-    for name, g, r in zip(names, grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, "d" + name)
+    torch_errs = [0.0] * len(names)
+    if dtype in (torch.float16, torch.bfloat16):
+        # The guide's bound for low precision: no worse than 2x PyTorch's own error in the same
+        # dtype. Gradients that are long reductions (dgate sums over every token) can exceed the
+        # table's per-dtype figure in PyTorch itself; the table stays the floor.
+        same = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in all_in]
+        y_t = gated_lora_linear_reference(*same[:6], scaling, lora_input=same[6])
+        t_grads = torch.autograd.grad(y_t, [t for t in same if t is not None and t.requires_grad], dy)
+        torch_errs = [rel_error(g, r) for g, r in zip(t_grads, ref_grads)]
+    for name, g, r, te in zip(names, grads, ref_grads, torch_errs):
+        err = rel_error(g, r)
+        assert err <= max(TOLERANCE[dtype], 2 * te), f"d{name}: rel. error {err:.3e} (PyTorch {te:.3e})"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
