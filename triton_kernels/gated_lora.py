@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .low_rank_linear import block_r
 
 MAX_FUSED_RANK = 256
 
@@ -36,10 +37,6 @@ CONFIGS: dict[int, dict] = {
 }
 # Under TRITON_INTERPRET=1 small tiles keep tests fast and make odd shapes span several tiles.
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
-
-
-def block_r(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
 
 
 def config_for(block_r_: int, dtype: torch.dtype) -> dict:
