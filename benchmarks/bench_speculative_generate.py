@@ -9,8 +9,13 @@ Providers (every output is checked token for token against the target's own gree
 ``generate`` while the workload is built; a mismatch is an error row, never a timing):
 
 ``lmfuse-speculative``   speculative_generate with the truncated draft (the target row)
-``hf-assisted``          ``target.generate(assistant_model=draft)``, constant ``k`` drafts per step
-                         (the baseline; transformers refuses batch > 1: a skipped row says so)
+``hf-assisted``          ``target.generate(assistant_model=draft)`` (the baseline; transformers
+                         refuses batch > 1: a skipped row says so)
+
+Both draft up to ``k`` tokens per step and stop a step's drafting early after a draft token the
+draft model gives probability < ``conf`` (transformers' ``assistant_confidence_threshold``,
+default 0.4; pinned here, because with scikit-learn installed transformers would instead
+re-tune it during the call). ``conf=0`` rows compare the constant-``k`` algorithm.
 ``lmfuse-prompt-lookup`` speculative_generate with :class:`PromptLookupDrafter`
 ``hf-prompt-lookup``     ``target.generate(prompt_lookup_num_tokens=k)`` (batch 1 only)
 ``hf-greedy``            the target alone (what speculation must beat)
@@ -95,15 +100,17 @@ def cases(scale: str, device: torch.device) -> list[Case]:
         def hf_greedy(ids=ids, hf_kw=hf_kw, width=width, pad=pad, reference=reference):
             return _checked(lambda: _padded(target.generate(ids, **hf_kw), width, pad), reference, "hf-greedy")
 
-        for layers in layer_choices:
+        for layers, conf in [(n, c) for n in layer_choices for c in (0.4, 0.0)]:
             draft = truncate_layers(target, layers)
             draft.generation_config.num_assistant_tokens = k
             draft.generation_config.num_assistant_tokens_schedule = "constant"
+            draft.generation_config.assistant_confidence_threshold = conf
 
-            def ours(draft=draft, ids=ids, mask=mask, eos=eos, pad=pad, reference=reference):
+            def ours(draft=draft, ids=ids, mask=mask, eos=eos, pad=pad, reference=reference, conf=conf):
                 return _checked(lambda: speculative_generate(target, draft, ids, mask, max_new_tokens=n_new,
-                                                             num_draft_tokens=k, eos_token_id=eos,
-                                                             pad_token_id=pad).sequences, reference, "lmfuse")
+                                                             num_draft_tokens=k, eos_token_id=eos, pad_token_id=pad,
+                                                             draft_confidence_threshold=conf).sequences,
+                                reference, "lmfuse")
 
             def hf_assisted(draft=draft, ids=ids, hf_kw=hf_kw, width=width, pad=pad, reference=reference):
                 try:
@@ -114,9 +121,10 @@ def cases(scale: str, device: torch.device) -> list[Case]:
 
             providers = [Provider("lmfuse-speculative", ours), Provider("hf-assisted", hf_assisted),
                          Provider("hf-greedy", hf_greedy)]
-            out.append(Case(OP, f"B={batch},draft=L{layers},k={k},new={n_new}", torch.float32, device, providers,
-                            baseline="hf-assisted" if batch == 1 else "hf-greedy", target="lmfuse-speculative",
-                            modes=("fwd",), note="whole generate call; shared CPU: see p20/p80"))
+            out.append(Case(OP, f"B={batch},draft=L{layers},k={k},conf={conf},new={n_new}", torch.float32, device,
+                            providers, baseline="hf-assisted" if batch == 1 else "hf-greedy",
+                            target="lmfuse-speculative", modes=("fwd",),
+                            note="whole generate call; shared CPU: see p20/p80"))
 
         def ours_lookup(ids=ids, mask=mask, eos=eos, pad=pad, reference=reference):
             return _checked(lambda: speculative_generate(target, PromptLookupDrafter(), ids, mask,

@@ -20,4 +20,5 @@ def test_tiny_benchmark_cases_run():
     for (shape, prov), m in by.items():
         if prov.startswith("lmfuse") or prov == "hf-greedy" or shape.startswith("B=1"):
             assert m.status == "ok", (shape, prov, m.note)
-    assert by[("B=4,draft=L2,k=4,new=8", "hf-assisted")].status == "skipped"
+    for conf in (0.4, 0.0):
+        assert by[(f"B=4,draft=L2,k=4,conf={conf},new=8", "hf-assisted")].status == "skipped"

@@ -23,13 +23,14 @@ def drafts(target):
 
 @pytest.mark.parametrize("draft_kind", ["truncated", "independent", "lookup"])
 @pytest.mark.parametrize("compact_threshold", [1, 1000])
-def test_greedy_equals_target_generate_on_a_ragged_batch(target, drafts, draft_kind, compact_threshold):
+@pytest.mark.parametrize("confidence", [0.0, 0.4])
+def test_greedy_equals_target_generate_on_a_ragged_batch(target, drafts, draft_kind, compact_threshold, confidence):
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     ids, mask = ragged_prompts([7, 3, 1, 5], g)
     ref = hf_greedy(target, ids, mask, 19)
     draft = PromptLookupDrafter() if draft_kind == "lookup" else drafts[draft_kind]
     out = speculative_generate(target, draft, ids, mask, max_new_tokens=19, num_draft_tokens=4,
-                               compact_threshold=compact_threshold)
+                               compact_threshold=compact_threshold, draft_confidence_threshold=confidence)
     assert torch.equal(out.sequences, ref)
     assert out.new_tokens.tolist() == [19] * 4
     st = out.stats
@@ -44,7 +45,8 @@ def test_acceptance_really_varies_per_row(target, drafts):
     """The truncated draft must produce ragged acceptance, or the test above proves little."""
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     ids, mask = ragged_prompts([6, 2, 9, 4, 5, 8], g)
-    out = speculative_generate(target, drafts["truncated"], ids, mask, max_new_tokens=24, num_draft_tokens=4)
+    out = speculative_generate(target, drafts["truncated"], ids, mask, max_new_tokens=24, num_draft_tokens=4,
+                               draft_confidence_threshold=0)
     assert torch.equal(out.sequences, hf_greedy(target, ids, mask, 24))
     rate = out.stats.acceptance_rate
     assert 0.0 < float(rate.mean()) < 1.0
@@ -58,7 +60,7 @@ def test_rows_stop_at_eos_independently(target, drafts):
     ref = hf_greedy(target, ids, mask, 16, eos=eos, pad=0)
     for draft in (drafts["truncated"], PromptLookupDrafter(max_ngram=2)):
         out = speculative_generate(target, draft, ids, mask, max_new_tokens=16, num_draft_tokens=3,
-                                   eos_token_id=[eos], pad_token_id=0)
+                                   eos_token_id=[eos], pad_token_id=0, draft_confidence_threshold=0)
         assert torch.equal(out.sequences, ref)
         assert int(out.new_tokens[0]) <= 5
         stop = (ref[:, ids.shape[1]:] == eos).int().argmax(1)
@@ -71,7 +73,8 @@ def test_rows_stop_at_eos_independently(target, drafts):
 def test_budget_smaller_than_draft_window(target, drafts, max_new):
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     ids, mask = ragged_prompts([4, 1], g)
-    out = speculative_generate(target, drafts["truncated"], ids, mask, max_new_tokens=max_new, num_draft_tokens=6)
+    out = speculative_generate(target, drafts["truncated"], ids, mask, max_new_tokens=max_new, num_draft_tokens=6,
+                               draft_confidence_threshold=0)
     assert torch.equal(out.sequences, hf_greedy(target, ids, mask, max_new))
     assert out.new_tokens.tolist() == [max_new, max_new]
 
@@ -95,11 +98,12 @@ def test_sampling_is_reproducible_with_a_generator(target, drafts):
     assert not torch.equal(runs[0], other)
 
 
-@pytest.mark.parametrize("draft_kind", ["independent", "lookup"])
-def test_sampled_tokens_follow_the_target_distribution(target, drafts, draft_kind):
+@pytest.mark.parametrize("draft_kind,confidence", [("independent", 0.0), ("truncated", 0.5), ("lookup", 0.0)])
+def test_sampled_tokens_follow_the_target_distribution(target, drafts, draft_kind, confidence):
     """Many copies of one prompt, two new tokens each at temperature 1: the first token is
     distributed as p(x1 | prompt) and the second as Σ p(x1) p(x2 | x1) — the latter only holds
-    if every row's caches were rolled back correctly after the first verification."""
+    if every row's caches were rolled back correctly after the first verification, and (with a
+    confidence threshold) only if stopping the draft early leaves the distribution alone."""
     rows = 1500
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     prompt = torch.randint(3, VOCAB, (1, 5), generator=g)
@@ -115,8 +119,12 @@ def test_sampled_tokens_follow_the_target_distribution(target, drafts, draft_kin
             both = torch.cat([ids[:1].expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], dim=1)
             p2 = (p1[:, None] * torch.softmax(target(both).logits[:, -1], -1)).sum(0)
     draft = drafts[draft_kind] if draft_kind != "lookup" else PromptLookupDrafter()
-    out = speculative_generate(target, draft, ids.contiguous(), max_new_tokens=2, num_draft_tokens=2,
-                               temperature=1.0, generator=g)
+    # three new tokens, so the first step drafts up to two and the threshold can stop it after one
+    out = speculative_generate(target, draft, ids.contiguous(), max_new_tokens=3, num_draft_tokens=2,
+                               temperature=1.0, generator=g, draft_confidence_threshold=confidence)
+    if confidence > 0:  # the early stop really happened in some rows and not in others
+        first_step = out.stats.proposed.clamp(max=2)
+        assert 0.05 < float((first_step == 1).double().mean()) < 0.95
     for pos, p in ((0, p1), (1, p2)):
         tok = out.sequences[:, ids.shape[1] + pos]
         counts = torch.bincount(tok, minlength=VOCAB).double()
@@ -128,6 +136,32 @@ def test_sampled_tokens_follow_the_target_distribution(target, drafts, draft_kin
         if float(exp[-1]) < 5:
             obs, exp = obs[:-1], exp[:-1] * (obs[:-1].sum() / exp[:-1].sum())
         assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-4, f"token {pos} is not distributed as p"
+
+
+def test_confidence_threshold_stops_drafting_early(target, drafts):
+    """Threshold 1 stops every row after its first draft (one draft forward per step), 0 never
+    stops; the greedy output is the same either way."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    ids, mask = ragged_prompts([6, 4, 9], g)
+    ref = hf_greedy(target, ids, mask, 12)
+    full = speculative_generate(target, drafts["truncated"], ids, mask, max_new_tokens=12, num_draft_tokens=4,
+                                draft_confidence_threshold=0)
+    one = speculative_generate(target, drafts["truncated"], ids, mask, max_new_tokens=12, num_draft_tokens=4,
+                               draft_confidence_threshold=1.0)
+    assert torch.equal(full.sequences, ref) and torch.equal(one.sequences, ref)
+    # one draft forward per step (none in a last step where every row has one token left)
+    assert one.stats.target_calls - 1 <= one.stats.draft_calls <= one.stats.target_calls
+    assert bool((one.stats.proposed <= one.stats.row_target_calls).all())
+    assert full.stats.draft_calls > full.stats.target_calls
+
+
+def test_confidence_is_the_draft_probability_of_its_token():
+    from lmfuse.collab.speculative import _confidence
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, -float("inf"), 0.0]])
+    tokens = torch.tensor([2, 0])
+    assert torch.allclose(_confidence(logits, tokens, 0.0), torch.softmax(logits, -1)[[0, 1], [2, 0]])
+    assert torch.allclose(_confidence(logits, tokens, 2.0), torch.softmax(logits / 2, -1)[[0, 1], [2, 0]])
 
 
 def test_bad_arguments_raise_clear_errors(target, drafts):
@@ -146,3 +180,5 @@ def test_bad_arguments_raise_clear_errors(target, drafts):
         speculative_generate(target, object(), ids, max_new_tokens=3)
     with pytest.raises(ValueError, match="temperature"):
         speculative_generate(target, drafts["truncated"], ids, max_new_tokens=3, temperature=-1.0)
+    with pytest.raises(ValueError, match="draft_confidence_threshold"):
+        speculative_generate(target, drafts["truncated"], ids, max_new_tokens=3, draft_confidence_threshold=1.5)

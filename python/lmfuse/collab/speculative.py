@@ -79,11 +79,19 @@ def _sample(logits: torch.Tensor, temperature, top_k, top_p, generator) -> torch
                                   top_p=top_p, generator=generator).tokens
 
 
+def _confidence(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Probability of ``tokens [B]`` under the (temperature-scaled) softmax of ``logits [B, V]``."""
+    scaled = logits if temperature == 0 else logits / temperature
+    picked = scaled.gather(-1, tokens[:, None]).squeeze(-1)
+    return torch.exp(picked - torch.logsumexp(scaled, dim=-1))
+
+
 @torch.no_grad()
 def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_new_tokens: int,
                          num_draft_tokens: int = 5, temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, eos_token_id=None, pad_token_id=None,
                          generator: torch.Generator | None = None,
+                         draft_confidence_threshold: float = 0.4,
                          compact_threshold: int = 32) -> GenerateOutput:
     """Speculative decoding of a batch of left-padded prompts.
 
@@ -97,6 +105,13 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
         eos_token_id: int or list; a row stops after emitting one. ``pad_token_id`` fills the
             rest (default: the first EOS id, else 0).
         generator: a ``torch.Generator`` on the logits' device, for reproducible sampling.
+        draft_confidence_threshold: a row stops drafting in a step after a draft token whose
+            probability under the draft model (temperature-scaled softmax, before top-k/top-p)
+            is below this value, so a low-confidence draft does not spend ``k`` draft forwards
+            on tokens the target will likely reject (the same rule as transformers' assisted
+            generation, whose default is also 0.4). ``0`` always drafts ``num_draft_tokens``.
+            It never changes the output distribution: how many tokens are drafted depends only
+            on the draft's own tokens. Ignored for :class:`PromptLookupDrafter`.
         compact_threshold: wasted (rolled-back) cache slots tolerated before compaction.
 
     Returns:
@@ -108,6 +123,8 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens: expected an int >= 1, got {num_draft_tokens!r}")
+    if not isinstance(draft_confidence_threshold, (int, float)) or not 0 <= draft_confidence_threshold <= 1:
+        raise ValueError(f"draft_confidence_threshold: expected a number in [0, 1], got {draft_confidence_threshold!r}")
     lookup = isinstance(draft, PromptLookupDrafter)
     if not lookup and not hasattr(draft, "config"):
         raise TypeError(f"draft: expected a HF causal LM or a PromptLookupDrafter, got {type(draft).__name__}")
@@ -123,18 +140,16 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
     row_calls = torch.zeros(B, dtype=torch.long)
     start = time.perf_counter()
 
-    # Both models prefill the prompt minus its last token; that token is the first "pending"
-    # input, so every step (the first included) verifies [last, drafts] the same way.
+    # The prompt is not prefilled on its own: the first step feeds the target the whole prompt
+    # followed by the drafts (and the draft model the whole prompt), saving one forward of each
+    # model. Afterwards every step verifies [last, drafts].
     rows = torch.arange(B, device=device)
     tgt = DecodeState(target, B, device, compact_threshold)
     drf = None if lookup else DecodeState(draft, B, device, compact_threshold)
-    if P > 1:
-        tgt.feed(input_ids[:, :-1], mask[:, :-1], keep=1)
-        if drf is not None:
-            drf.feed(input_ids[:, :-1], mask[:, :-1], keep=1)
+    first = True
     last = input_ids[:, -1].clone()
-    pending = [input_ids[b, -1:].clone() for b in range(B)]  # tokens the draft has not seen yet
     prompts = [input_ids[b][mask[b]] for b in range(B)]
+    pending = list(prompts)  # per row, the tokens the draft model has not seen yet
     target_calls = draft_calls = 0
 
     while rows.numel():
@@ -153,19 +168,36 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
         else:
             toks, valid = left_padded(pending, pad, device)
             q = drf.feed(toks, valid, keep=1)[:, -1]
-            qs, ds = [q], [_sample(q, temperature, top_k, top_p, generator)]
-            for _ in range(k - 1):
-                q = drf.feed(ds[-1][:, None], keep=1)[:, -1]
+            qs, ds = [], []
+            drafting = torch.ones(rows.numel(), dtype=torch.bool, device=device)
+            n_proposed = torch.zeros(rows.numel(), dtype=torch.long, device=device)
+            while True:
+                d = _sample(q, temperature, top_k, top_p, generator)
                 qs.append(q)
-                ds.append(_sample(q, temperature, top_k, top_p, generator))
-            draft_calls += k
+                ds.append(d)
+                n_proposed += drafting.long()
+                if draft_confidence_threshold > 0:
+                    drafting &= _confidence(q, d, temperature) >= draft_confidence_threshold
+                # rows past their budget need no more drafts either
+                drafting &= n_proposed < n_drafts
+                if len(ds) == k or not bool(drafting.any()):
+                    break
+                q = drf.feed(d[:, None], keep=1)[:, -1]
+            draft_calls += len(ds)
             drafted = True
             drafts = torch.stack(ds, dim=1)
+            n_drafts = torch.minimum(n_drafts, n_proposed)
             # Greedy verification needs no q: a draft is accepted iff it is the target's argmax.
             draft_logits = torch.stack(qs, dim=1) if temperature > 0 else None
 
         k = drafts.shape[1]
-        p = tgt.feed(torch.cat([last[:, None], drafts], dim=1))
+        step = torch.cat([last[:, None], drafts], dim=1)
+        if first and P > 1:
+            p = tgt.feed(torch.cat([input_ids[:, :-1], step], dim=1),
+                         torch.cat([mask[:, :-1], torch.ones_like(step, dtype=torch.bool)], dim=1), keep=k + 1)
+        else:
+            p = tgt.feed(step)
+        first = False
         target_calls += 1
         if k == 0:
             # Nothing to verify (budget or no lookup match): an ordinary decoding step from p.
