@@ -59,6 +59,12 @@ def _cpp_status() -> BackendStatus:
     return BackendStatus("cpp", True, "lmfuse._C built" + (" with OpenMP" if mod.has_openmp() else " without OpenMP"))
 
 
+def cpu_extension():
+    """The compiled CPU extension ``lmfuse._C``, or None when it is not built or not importable
+    (for host-side helpers that have a PyTorch fallback)."""
+    return importlib.import_module("lmfuse._C") if _cpp_status().available else None
+
+
 def _cuda_device_present() -> bool:
     import torch
 
