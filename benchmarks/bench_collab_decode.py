@@ -9,8 +9,8 @@ model; argmax for the greedy rows; for the sampled rows it draws with ``torch.mu
 does no top-p, so it does less work than the op) and, on CUDA, ``eager+compile`` (``torch.compile`` of it).
 
 Shapes: GPU ``B ∈ {1, 8, 64}``, ``V ∈ {32000, 151936}``, bf16, contrastive mode, temperature 1
-with top-p 0.9 (the filter threshold is computed on the host side of the op: one sort of the
-combined logits, which every backend shares); CPU ``B=8, V=49152`` fp32, the same step, plus
+with top-p 0.9 (the filter threshold is computed on the host side of the op, shared by every
+backend: a C++ selection on the CPU, a sort of the combined logits elsewhere); CPU ``B=8, V=49152`` fp32, the same step, plus
 the greedy step (no threshold) where the kernel alone is timed. Bytes: both logit tensors read
 once.
 """

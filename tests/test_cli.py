@@ -104,3 +104,9 @@ def test_bench_quick_low_rank_linear_end_to_end(tmp_path):
             assert (provider, mode) in ok
     speed = [float(row["value"]) for row in rows if row["metric"] == "speedup" and row["provider"] == "lpa-fused"]
     assert len(speed) == 3 and all(s > 0 for s in speed)
+
+
+def test_generate_rejects_bad_numbers_before_loading_a_model():
+    for args, flag in ((["--max-new-tokens", "0"], "--max-new-tokens"), (["--draft-confidence", "1.5"], "--draft-confidence")):
+        r = _lmfuse("generate", *args, timeout=60)
+        assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr

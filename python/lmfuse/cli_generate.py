@@ -52,6 +52,8 @@ def _generate_command(p: argparse.ArgumentParser):
                    help="a prompt (repeat for a batch; default: two example prompts)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--num-draft-tokens", type=int, default=5, help="drafts per step (speculative)")
+    p.add_argument("--draft-confidence", type=float, default=0.4,
+                   help="stop a step's drafting after a draft token below this draft probability (0 = never)")
     p.add_argument("--draft", choices=("layers", "lookup"), default="layers",
                    help="speculative drafter: truncated model or prompt lookup")
     p.add_argument("--draft-layers", type=int, default=20, help="layers of the truncated small model")
@@ -75,6 +77,9 @@ def _generate_command(p: argparse.ArgumentParser):
         if args.max_new_tokens < 1:
             print("lmfuse generate: --max-new-tokens must be >= 1", file=sys.stderr)
             return 2
+        if not 0 <= args.draft_confidence <= 1:
+            print("lmfuse generate: --draft-confidence must be in [0, 1]", file=sys.stderr)
+            return 2
         prompts = args.prompt or ["What is the capital of France?", "Write a haiku about the sea."]
         tok, models = _build_models(args)
         enc = _encode(tok, prompts, chat=not args.no_chat)
@@ -83,7 +88,8 @@ def _generate_command(p: argparse.ArgumentParser):
                       top_p=args.top_p, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         if args.method == "speculative":
-            out = collab.speculative_generate(*models, ids, mask, num_draft_tokens=args.num_draft_tokens, **common)
+            out = collab.speculative_generate(*models, ids, mask, num_draft_tokens=args.num_draft_tokens,
+                                              draft_confidence_threshold=args.draft_confidence, **common)
         elif args.method == "contrastive":
             out = collab.contrastive_generate(*models, ids, mask, alpha=0.1 if args.alpha is None else args.alpha, **common)
         elif args.method == "proxy":

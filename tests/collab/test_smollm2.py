@@ -59,7 +59,7 @@ def test_cli_generate_methods(smollm2, monkeypatch, capsys):
     texts = {}
     for method in ("plain", "speculative", "contrastive", "proxy"):
         rc = cli.main(["generate", "--method", method, "--max-new-tokens", "3", "--json", "--draft-layers", "6",
-                       "--base-layers", "3", "--prompt", "Name a fruit.", "--prompt", "Hello there, how are you?"])
+                       "--draft-confidence", "0.5", "--base-layers", "3", "--prompt", "Name a fruit.", "--prompt", "Hello there, how are you?"])
         assert rc == 0
         res = json.loads(capsys.readouterr().out)
         assert res["method"] == method and len(res["texts"]) == 2

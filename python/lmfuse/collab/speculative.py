@@ -3,7 +3,9 @@
 One step, for every unfinished row at once:
 
 1. the drafter proposes up to ``k`` tokens per row (a draft model sampling from its own
-   temperature/top-k/top-p filtered distribution q, or a deterministic prompt-lookup drafter);
+   temperature/top-k/top-p filtered distribution q — a row stops early after a draft token the
+   draft model itself gives probability < ``draft_confidence_threshold`` — or a deterministic
+   prompt-lookup drafter);
 2. the target scores ``[last, d_1 .. d_k]`` in one forward, giving ``k + 1`` next-token
    distributions p;
 3. :func:`lmfuse.ops.spec_verify` accepts a prefix of the drafts per row (``num_accepted``)
@@ -34,8 +36,8 @@ class SpeculativeStats:
     """Per-row and overall statistics of one ``speculative_generate`` call.
 
     ``proposed``/``accepted`` count draft tokens per row; ``acceptance_rate`` is their ratio
-    (NaN for a row that got no drafts). ``target_calls`` counts the target's verification
-    forwards (the prompt prefill excluded); ``row_target_calls`` how many of them each row took
+    (NaN for a row that got no drafts). ``target_calls`` counts the target's forwards (each
+    one verifies a step's drafts; the first also prefills the prompt); ``row_target_calls`` how many of them each row took
     part in, and ``tokens_per_target_call`` = Σ new tokens / Σ row_target_calls (tokens a row gains
     per verification; 1 means no speed-up over plain decoding).
     """
