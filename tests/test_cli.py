@@ -107,6 +107,7 @@ def test_bench_quick_low_rank_linear_end_to_end(tmp_path):
 
 
 def test_generate_rejects_bad_numbers_before_loading_a_model():
-    for args, flag in ((["--max-new-tokens", "0"], "--max-new-tokens"), (["--draft-confidence", "1.5"], "--draft-confidence")):
+    for args, flag in ((["--max-new-tokens", "0"], "--max-new-tokens"),
+                       (["--draft-confidence", "1.5"], "--draft-confidence")):
         r = _lmfuse("generate", *args, timeout=60)
         assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr

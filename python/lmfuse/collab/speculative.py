@@ -37,9 +37,10 @@ class SpeculativeStats:
 
     ``proposed``/``accepted`` count draft tokens per row; ``acceptance_rate`` is their ratio
     (NaN for a row that got no drafts). ``target_calls`` counts the target's forwards (each
-    one verifies a step's drafts; the first also prefills the prompt); ``row_target_calls`` how many of them each row took
-    part in, and ``tokens_per_target_call`` = Σ new tokens / Σ row_target_calls (tokens a row gains
-    per verification; 1 means no speed-up over plain decoding).
+    one verifies a step's drafts; the first also prefills the prompt); ``row_target_calls`` how
+    many of them each row took part in, and ``tokens_per_target_call`` = Σ new tokens /
+    Σ row_target_calls (tokens a row gains per verification; 1 means no speed-up over plain
+    decoding).
     """
 
     new_tokens: torch.Tensor
