@@ -32,15 +32,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> collab_de
     int64_t mode, double log_alpha, double large_w, double small_w, double proxy_alpha, double inv_t,
     const c10::optional<at::Tensor>& threshold, const at::Tensor& seeds);
 // sampling_threshold.cpp
-at::Tensor filter_thresholds_cpu(const at::Tensor& logits, double inv_t, int64_t top_k, double top_p);
+at::Tensor filter_thresholds_cpu(const at::Tensor& logits, double inv_t, double top_p);
 }  // namespace cpu
 }  // namespace lmfuse
 
 namespace {
 
-// filter_thresholds: one top-k / top-p threshold per row of logits [rows, V] (see
+// filter_thresholds: one top-p threshold per row of logits [rows, V] (see
 // lmfuse.ops._sampling.filter_thresholds).
-at::Tensor filter_thresholds(const at::Tensor& logits, double inv_t, int64_t top_k, double top_p) {
+at::Tensor filter_thresholds(const at::Tensor& logits, double inv_t, double top_p) {
   TORCH_CHECK(logits.device().is_cpu() && logits.is_contiguous() && logits.dim() == 2 && logits.size(1) >= 1,
               "filter_thresholds: logits must be a contiguous CPU [rows, V] tensor with V >= 1, got ",
               logits.sizes());
@@ -48,10 +48,8 @@ at::Tensor filter_thresholds(const at::Tensor& logits, double inv_t, int64_t top
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
               "filter_thresholds: logits must be float32/float16/bfloat16/float64, got ", dt);
   TORCH_CHECK(std::isfinite(inv_t) && inv_t > 0, "filter_thresholds: inv_temperature must be finite and > 0");
-  TORCH_CHECK((top_k > 0 && top_k < logits.size(1)) || (top_p > 0 && top_p < 1),
-              "filter_thresholds: need 0 < top_k < V or 0 < top_p < 1");
-  TORCH_CHECK(top_p > 0, "filter_thresholds: top_p must be > 0");
-  return lmfuse::cpu::filter_thresholds_cpu(logits, inv_t, top_k, top_p);
+  TORCH_CHECK(top_p > 0 && top_p < 1, "filter_thresholds: top_p must be in (0, 1), got ", top_p);
+  return lmfuse::cpu::filter_thresholds_cpu(logits, inv_t, top_p);
 }
 
 // spec_verify: the Python op validated values (ids in range, n <= k, finite temperature); this
@@ -129,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_dx(const at::Tensor& dy, const at::Tensor
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.def("filter_thresholds", &filter_thresholds, py::arg("logits"), py::arg("inv_temperature"), py::arg("top_k"),
-        py::arg("top_p"), "fp32 top-k/top-p threshold per row of [rows, V] logits (top_k <= 0 / top_p >= 1: off)");
+  m.def("filter_thresholds", &filter_thresholds, py::arg("logits"), py::arg("inv_temperature"), py::arg("top_p"),
+        "fp32 top-p threshold per row of [rows, V] logits (for top-k + top-p, pass the top-k values)");
   m.doc() = "lmfuse CPU kernels (C++17, OpenMP when available)";
   m.def("spec_verify", &spec_verify, py::arg("draft_token_ids"), py::arg("draft_logits"),
         py::arg("target_logits"), py::arg("num_draft_tokens"), py::arg("accept_uniforms"), py::arg("seeds"),

@@ -1,14 +1,12 @@
 // Top-k / top-p thresholds on the CPU without sorting the vocabulary.
 //
-// The contract is the one of lmfuse.ops._sampling.filter_thresholds_reference: for each row of
-// scaled logits x = float(logit) * inv_t, a token is kept iff x >= threshold, where
-//   top-k only : threshold = the k-th largest x;
-//   top-p      : sort x descending (after top-k, the tokens past the k-th set to -inf),
-//                probs = softmax, before_i = mass strictly above position i,
-//                keep = max(1, #{i : before_i < p}), threshold = sorted[keep - 1].
+// The contract is the top-p part of lmfuse.ops._sampling.filter_thresholds_reference: for each
+// row of scaled logits x = float(logit) * inv_t, a token is kept iff x >= threshold, where
+//   sort x descending, probs = softmax, before_i = mass strictly above position i,
+//   keep = max(1, #{i : before_i < p}), threshold = sorted[keep - 1].
+// With top-k as well, the caller hands over only the k largest values of each row (torch.topk).
 //
-// The reference sorts all V values per row. Here the candidates (the whole row, or the top-k
-// set found by nth_element) are consumed from the top in growing blocks: nth_element brings the
+// The reference sorts all V values per row. Here the candidates are consumed from the top in growing blocks: nth_element brings the
 // next `block` largest values to the front of what is left, only those are sorted, and the walk
 // down the sorted order stops as soon as the mass above reaches p. Typical next-token
 // distributions keep tens to hundreds of tokens, so this is O(V) per row; a flat distribution
@@ -28,15 +26,9 @@ namespace lmfuse {
 namespace cpu {
 namespace {
 
-float row_threshold(std::vector<float>& x, int64_t top_k, double top_p) {
-  const int64_t V = static_cast<int64_t>(x.size());
+float row_threshold(std::vector<float>& x, double top_p) {
   auto first = x.begin();
-  int64_t n = V;
-  if (top_k > 0 && top_k < V) {
-    std::nth_element(first, first + (top_k - 1), x.end(), std::greater<float>());
-    if (!(top_p < 1.0)) return x[top_k - 1];
-    n = top_k;  // the top-k values, in no particular order, are x[0, k)
-  }
+  const int64_t n = static_cast<int64_t>(x.size());
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
   if (m == -std::numeric_limits<float>::infinity()) return m;  // nothing finite: the reference keeps all
@@ -59,11 +51,11 @@ float row_threshold(std::vector<float>& x, int64_t top_k, double top_p) {
     done += take;
     block *= 2;
   }
-  return last_kept;  // p reached only by the last candidate (or p == 1 with top-k)
+  return last_kept;  // p reached only by the last candidate
 }
 
 template <typename T>
-void rows_thresholds(const T* logits, int64_t rows, int64_t V, float inv_t, int64_t top_k, double top_p,
+void rows_thresholds(const T* logits, int64_t rows, int64_t V, float inv_t, double top_p,
                      float* out) {
 #pragma omp parallel
   {
@@ -77,27 +69,27 @@ void rows_thresholds(const T* logits, int64_t rows, int64_t V, float inv_t, int6
         // callers reject NaN logits; mapping them keeps the sorts well-defined regardless
         buf[j] = std::isnan(v) ? -std::numeric_limits<float>::infinity() : v;
       }
-      out[r] = row_threshold(buf, top_k, top_p);
+      out[r] = row_threshold(buf, top_p);
     }
   }
 }
 
 }  // namespace
 
-// logits [rows, V] contiguous CPU, float32 / float16 / bfloat16 / float64; top_k <= 0 means none,
-// top_p >= 1 means none (at least one of them active). Returns float32 [rows].
-at::Tensor filter_thresholds_cpu(const at::Tensor& logits, double inv_t, int64_t top_k, double top_p) {
+// logits [rows, V] contiguous CPU, float32 / float16 / bfloat16 / float64 (for top-k + top-p, the
+// caller passes the top-k values only); 0 < top_p < 1. Returns float32 [rows].
+at::Tensor filter_thresholds_cpu(const at::Tensor& logits, double inv_t, double top_p) {
   const int64_t rows = logits.size(0), V = logits.size(1);
   auto out = at::empty({rows}, logits.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const float it = static_cast<float>(inv_t);
   switch (logits.scalar_type()) {
-    case at::kFloat: rows_thresholds(logits.data_ptr<float>(), rows, V, it, top_k, top_p, o); break;
-    case at::kDouble: rows_thresholds(logits.data_ptr<double>(), rows, V, it, top_k, top_p, o); break;
+    case at::kFloat: rows_thresholds(logits.data_ptr<float>(), rows, V, it, top_p, o); break;
+    case at::kDouble: rows_thresholds(logits.data_ptr<double>(), rows, V, it, top_p, o); break;
     case at::kBFloat16:
-      rows_thresholds(static_cast<const at::BFloat16*>(logits.data_ptr()), rows, V, it, top_k, top_p, o);
+      rows_thresholds(static_cast<const at::BFloat16*>(logits.data_ptr()), rows, V, it, top_p, o);
       break;
-    case at::kHalf: rows_thresholds(static_cast<const at::Half*>(logits.data_ptr()), rows, V, it, top_k, top_p, o); break;
+    case at::kHalf: rows_thresholds(static_cast<const at::Half*>(logits.data_ptr()), rows, V, it, top_p, o); break;
     default: TORCH_CHECK(false, "filter_thresholds: unsupported dtype ", logits.scalar_type());
   }
   return out;

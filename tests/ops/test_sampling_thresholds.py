@@ -78,21 +78,11 @@ def test_all_masked_row_and_leading_shapes():
 
 def test_bad_inputs_are_rejected_by_the_extension():
     with pytest.raises(RuntimeError, match="contiguous CPU"):
-        ext.filter_thresholds(torch.randn(4, 10).t(), 1.0, 3, 1.0)
+        ext.filter_thresholds(torch.randn(4, 10).t(), 1.0, 0.9)
     with pytest.raises(RuntimeError, match="float32/float16/bfloat16"):
-        ext.filter_thresholds(torch.zeros(2, 10, dtype=torch.int32), 1.0, 3, 1.0)
-    with pytest.raises(RuntimeError, match="top_k"):
-        ext.filter_thresholds(torch.randn(2, 10), 1.0, 0, 1.0)
+        ext.filter_thresholds(torch.zeros(2, 10, dtype=torch.int32), 1.0, 0.9)
+    with pytest.raises(RuntimeError, match="top_p"):
+        ext.filter_thresholds(torch.randn(2, 10), 1.0, 1.0)
     with pytest.raises(RuntimeError, match="inv_temperature"):
-        ext.filter_thresholds(torch.randn(2, 10), float("inf"), 3, 1.0)
+        ext.filter_thresholds(torch.randn(2, 10), float("inf"), 0.9)
 
-
-@pytest.mark.parametrize("top_k,top_p", [(7, 1.0), (7, 0.6), (500, 0.9)])
-def test_extension_top_k_path(top_k, top_p):
-    """The extension also applies top-k itself (nth_element); the Python wrapper uses torch.topk
-    for that part, so call it directly."""
-    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
-    x = _rows(g, 1024)
-    got = ext.filter_thresholds(x, 1.0, top_k, top_p)
-    ref = _sampling.filter_thresholds_reference(x, 1.0, top_k, None if top_p == 1.0 else top_p)
-    assert torch.equal(got, ref)

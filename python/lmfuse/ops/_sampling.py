@@ -152,7 +152,7 @@ def filter_thresholds(logits: Tensor, inv_temperature: float, top_k: Optional[in
             flat = logits.reshape(-1, V)
             if k is not None:  # top-p among the k largest: torch.topk is faster than nth_element
                 flat = torch.topk(flat, k, dim=-1, sorted=False).values
-            out = ext.filter_thresholds(flat.contiguous(), inv_temperature, 0, float(p))
+            out = ext.filter_thresholds(flat.contiguous(), inv_temperature, float(p))
             return out.reshape(logits.shape[:-1])
     return filter_thresholds_reference(logits, inv_temperature, top_k, top_p)
 
