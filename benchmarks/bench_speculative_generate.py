@@ -20,6 +20,10 @@ re-tune it during the call). ``conf=0`` rows compare the constant-``k`` algorith
 ``hf-prompt-lookup``     ``target.generate(prompt_lookup_num_tokens=k)`` (batch 1 only)
 ``hf-greedy``            the target alone (what speculation must beat)
 
+Ratios: batch 1 is compared with ``hf-assisted`` / ``hf-prompt-lookup``, batch 4 (which
+transformers refuses) with ``hf-greedy``; the table has one ratio column per baseline, named
+after it, and a cell is empty where that row's baseline is another or did not run.
+
 No flop/byte formula: the cost of a speculative run depends on acceptance, so rows report time
 only. The CPU is whatever this machine is; on a shared machine, times are noisy (p20/p80).
 """

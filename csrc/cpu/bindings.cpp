@@ -33,6 +33,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> collab_de
     const c10::optional<at::Tensor>& threshold, const at::Tensor& seeds);
 // sampling_threshold.cpp
 at::Tensor filter_thresholds_cpu(const at::Tensor& logits, double inv_t, double top_p);
+// linear_cross_entropy.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_stats_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t vocab_size, int64_t ignore_index, double logit_scale, double softcap,
+    bool want_sum_z, bool want_sum_pz, bool want_argmax);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& c, const at::Tensor& d, int64_t vocab_size, int64_t ignore_index, double logit_scale,
+    double softcap, bool need_hidden, bool need_weight, bool need_bias);
 }  // namespace cpu
 }  // namespace lmfuse
 
@@ -124,6 +134,78 @@ std::tuple<at::Tensor, at::Tensor> bwd_dx(const at::Tensor& dy, const at::Tensor
   return lmfuse::cpu::low_rank_linear_bwd_dx_cpu(dy, down, up);
 }
 
+// Shared by the two linear_cross_entropy entry points: what memory safety depends on (devices,
+// dtypes, shapes, contiguity, vocab_size). Values (finite scales, coefficient semantics) are
+// the Python op's business, except those that change which memory is read.
+void check_lce_common(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& target, int64_t vocab_size,
+                      int64_t ignore_index, double logit_scale, double softcap) {
+  auto cpu_contig = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), fn, ": '", name,
+                "' must be a contiguous CPU tensor, got device ", t.device(), ", strides ", t.strides());
+  };
+  cpu_contig(hidden, "hidden");
+  cpu_contig(weight, "weight");
+  cpu_contig(target, "target");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, fn,
+              ": 'hidden' must be float32/bfloat16/float16, got ", dt);
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) >= 1, fn, ": 'hidden' must be [N, H] with H >= 1, got ",
+              hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1) && weight.scalar_type() == dt, fn,
+              ": 'weight' must be [V, H] = [V, ", hidden.size(1), "] of dtype ", dt, ", got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(weight.size(0) < (int64_t(1) << 31), fn, ": 'weight' must have V < 2^31 rows, got ",
+              weight.size(0));
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= weight.size(0), fn, ": 'vocab_size' must be in [1, V = ",
+              weight.size(0), "], got ", vocab_size);
+  if (bias.has_value() && bias->defined()) {
+    cpu_contig(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == dt, fn,
+                ": 'bias' must be [V] = [", weight.size(0), "] of dtype ", dt, ", got ", bias->scalar_type(),
+                " ", bias->sizes());
+  }
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == hidden.size(0), fn,
+              ": 'target' must be int64 [N] = [", hidden.size(0), "], got ", target.scalar_type(), " ",
+              target.sizes());
+  // Target values need no check: the kernels only compare them with vocabulary ranges (a target
+  // outside [0, vocab_size) has no logit: z_target 0 and no one-hot term), never index with them.
+  TORCH_CHECK(std::isfinite(logit_scale), fn, ": 'logit_scale' must be finite, got ", logit_scale);
+  TORCH_CHECK(softcap == 0.0 || (std::isfinite(softcap) && softcap > 0), fn,
+              ": 'softcap' must be finite and > 0 (0 for none), got ", softcap);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_stats(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t vocab_size, int64_t ignore_index, double logit_scale, double softcap,
+    bool want_sum_z, bool want_sum_pz, bool want_argmax) {
+  check_lce_common("lce_forward_stats", hidden, weight, bias, target, vocab_size, ignore_index, logit_scale,
+                   softcap);
+  return lmfuse::cpu::lce_forward_stats_cpu(hidden, weight, bias, target, vocab_size, ignore_index, logit_scale,
+                                            softcap, want_sum_z, want_sum_pz, want_argmax);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& lse, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& c, const at::Tensor& d, int64_t vocab_size, int64_t ignore_index, double logit_scale,
+    double softcap, bool need_hidden, bool need_weight, bool need_bias) {
+  check_lce_common("lce_backward", hidden, weight, bias, target, vocab_size, ignore_index, logit_scale,
+                   softcap);
+  const int64_t N = hidden.size(0);
+  const std::pair<const at::Tensor*, const char*> per_token[] = {{&lse, "lse"}, {&a, "a"}, {&b, "b"},
+                                                                  {&c, "c"}, {&d, "d"}};
+  for (const auto& [t, name] : per_token) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat && t->dim() == 1 &&
+                    t->size(0) == N,
+                "lce_backward: '", name, "' must be a contiguous CPU float32 [N] = [", N, "] tensor, got ",
+                t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(!need_bias || (bias.has_value() && bias->defined()), "lce_backward: need_bias=True needs a bias");
+  return lmfuse::cpu::lce_backward_cpu(hidden, weight, bias, target, lse, a, b, c, d, vocab_size, ignore_index,
+                                       logit_scale, softcap, need_hidden, need_weight, need_bias);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -143,6 +225,20 @@ PYBIND11_MODULE(_C, m) {
         "One collaborative decoding step (see lmfuse.ops.collab_decode_step). Returns (tokens [B] int64, "
         "entropy, top1, margin [B] float32, differs [B] bool); token -1 marks a row with NaN/+inf inputs or "
         "no finite combined logit.");
+  m.def("lce_forward_stats", &lce_forward_stats, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
+        py::arg("target"), py::arg("vocab_size"), py::arg("ignore_index"), py::arg("logit_scale"),
+        py::arg("softcap"), py::arg("want_sum_z"), py::arg("want_sum_pz"), py::arg("want_argmax"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Per-token statistics of z = softcap(logit_scale * (hidden @ weight[:vocab_size].T + bias)) without "
+        "materialising the logits (see lmfuse.ops._lce_cpu.forward_stats). softcap 0 means none. Returns "
+        "(lse, z_target, sum_z, sum_pz) float32 [N] and argmax int64 [N]; unrequested outputs are empty.");
+  m.def("lce_backward", &lce_backward, py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("target"),
+        py::arg("lse"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("vocab_size"),
+        py::arg("ignore_index"), py::arg("logit_scale"), py::arg("softcap"), py::arg("need_hidden"),
+        py::arg("need_weight"), py::arg("need_bias"), py::call_guard<py::gil_scoped_release>(),
+        "Gradients for dz = p*(a + d*z) + b*[v == target] + c chained through softcap and logit_scale (see "
+        "lmfuse.ops._lce_cpu.backward). Returns (dhidden [N, H], dweight [V, H], dbias [V]); unrequested "
+        "outputs are empty.");
   m.def("has_openmp", &lmfuse::cpu::has_openmp,
         "True when the extension was compiled with OpenMP (row blocks run in parallel).");
   // The GIL is released around the kernels: they touch no Python objects and can take

@@ -149,17 +149,31 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _seconds(text: str) -> float:
+    """An argparse ``type=``: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 @command("bench", help="run the benchmark suite (results under benchmarks/results/<device>/)")
 def _bench_command(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--quick", action="store_true", help="fewer, smaller shapes and shorter timing")
     p.add_argument("--ops", type=_csv, default=None, help="comma-separated ops (default: all); see --list")
-    p.add_argument("--modes", type=_csv, default=["fwd", "bwd", "full"], help="subset of fwd,bwd,full")
+    p.add_argument("--modes", type=_csv, default="fwd,bwd,full", help="subset of fwd,bwd,full")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default: ./benchmarks/results/<device-slug>)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list the available benchmarks and exit")
+    p.add_argument("--budget", type=_seconds, default=None, metavar="SECONDS",
+                   help="time budget: every op's headline case runs first, each result is written as soon "
+                        "as it is measured, and no case starts once the budget is spent (default: no limit)")
     # Hidden: the smallest shapes, for the test-suite (also LMFUSE_BENCH_TINY=1).
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
@@ -183,7 +197,7 @@ def _bench_command(p: argparse.ArgumentParser) -> Handler:
         info = run_info(device, git_commit(Path(__file__).resolve().parent))
         try:
             results = suite.run_suite(args.ops, device, scale, args.modes, out, plot=not args.no_plot,
-                                      progress=not args.no_progress, info=info)
+                                      progress=not args.no_progress, info=info, budget_s=args.budget)
         except (KeyError, ValueError) as e:
             print(f"lmfuse bench: {e.args[0] if e.args else e}", file=sys.stderr)
             return 2
@@ -204,6 +218,18 @@ def _bench_command(p: argparse.ArgumentParser) -> Handler:
 # ---------------------------------------------------------------------------------------- main
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show (None, a flag
+    that is off) or the help text already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: every registered subcommand, the COMMAND_MODULES ones included."""
     for module in COMMAND_MODULES:
@@ -211,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmfuse", description="lmfuse: fused kernels for language models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, setup) in _COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=DefaultsHelpFormatter)
         sp.set_defaults(_handler=setup(sp))
     return parser
 

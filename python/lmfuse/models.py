@@ -29,7 +29,9 @@ def bundled_gguf_path() -> str:
 def load_bundled_model(dtype=None, with_tokenizer: bool = True):
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct (tokenizer None unless asked), in eval mode.
 
-    ``dtype`` defaults to float32 (the GGUF Q4_1 weights are dequantised on load).
+    ``dtype`` defaults to float32 (the GGUF Q4_1 weights are dequantised on load). The result is a
+    plain, unquantized ``LlamaForCausalLM`` (see :func:`strip_quantization`): it trains with
+    ``transformers.Trainer`` and ``save_pretrained`` / ``from_pretrained`` round-trip it.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,5 +39,42 @@ def load_bundled_model(dtype=None, with_tokenizer: bool = True):
     path = bundled_gguf_path()
     folder, name = os.path.dirname(path), os.path.basename(path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
+    strip_quantization(model)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name) if with_tokenizer else None
     return model.eval(), tok
+
+
+def strip_quantization(model):
+    """Mark a model whose weights were dequantised on load as the plain model it now is; returns it.
+
+    ``transformers`` loads a GGUF file by dequantising every tensor to ``dtype``, yet leaves the
+    model labelled as quantized (``hf_quantizer``, ``quantization_method``, ``is_quantized`` and
+    ``config.quantization_config``). That label makes ``transformers.Trainer`` refuse to train it
+    and ``save_pretrained`` refuse to save it, though nothing quantized is left. Only that label is
+    removed; no weight changes. A model that still holds quantized tensors (anything that is not a
+    plain floating-point ``torch.Tensor`` parameter) is refused with a ``ValueError``.
+    """
+    import torch
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) != "gguf":
+        raise ValueError(f"model: only GGUF-dequantised models can be stripped, got quantization "
+                         f"method {getattr(method, 'value', method)!r}")
+    for n, p in model.named_parameters():
+        if type(p.data) is not torch.Tensor or not p.dtype.is_floating_point:
+            raise ValueError(f"model: parameter {n} is still quantized ({type(p.data).__name__}, {p.dtype})")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(cfg, attr):
+                try:
+                    delattr(cfg, attr)
+                except AttributeError:
+                    pass
+    return model

@@ -226,3 +226,196 @@ def test_table_marks_noisy_times_and_computes_speedup():
     line = next(ln for ln in table.splitlines() if ln.startswith("n=1"))
     assert "4.000 " in line + " " and "2.000*" in line and "2.00x" in line
     assert "noisy" in table
+
+
+# ------------------------------------------------------------------ ratio columns
+
+
+def _timed(provider, med, shape, baseline, target="ours", status="ok"):
+    from lmfuse.bench import Measurement, Timing
+
+    return Measurement("toy", provider, "fwd", shape, "float32", status,
+                       timing=Timing(med, med, med, 5) if status == "ok" else None,
+                       note="" if status == "ok" else "unavailable: refused", baseline=baseline, target=target)
+
+
+def test_ratio_columns_name_their_baseline_and_stay_empty_without_it():
+    # B=1 compares with "assisted"; B=4 cannot run "assisted" (skipped) and compares with "greedy".
+    ms = [_timed("ours", 1.0, "B=1", "assisted"), _timed("assisted", 3.0, "B=1", "assisted"),
+          _timed("greedy", 5.0, "B=1", "assisted"),
+          _timed("ours", 2.0, "B=4", "greedy"), _timed("assisted", 0, "B=4", "greedy", status="skipped"),
+          _timed("greedy", 8.0, "B=4", "greedy")]
+    lines = format_table(ms).splitlines()
+    head = lines[1]
+    cols = [c for c in head.split("  ") if c.strip()]
+    assert "ours vs assisted" in cols and "ours vs greedy" in cols
+    vs_a, vs_g = cols.index("ours vs assisted"), cols.index("ours vs greedy")
+
+    def cells(shape):
+        line = next(ln for ln in lines if ln.startswith(shape))
+        # every column is right-aligned under its header: cut the line at the header's column edges
+        ends = [head.index(c) + len(c) for c in cols]
+        starts = [0] + [e + 2 for e in ends[:-1]]
+        return [line[s:e].strip() for s, e in zip(starts, ends)]
+
+    b1, b4 = cells("B=1"), cells("B=4")
+    assert b1[vs_a] == "3.00x" and b1[vs_g] == ""
+    assert b4[vs_a] == "" and b4[vs_g] == "4.00x"  # never 8/2 under the "assisted" header
+
+
+def test_ratio_is_empty_when_the_baseline_did_not_run():
+    ms = [_timed("ours", 1.0, "n=1", "base"), _timed("base", 0, "n=1", "base", status="skipped"),
+          _timed("other", 4.0, "n=1", "base")]
+    table = format_table(ms)
+    line = next(ln for ln in table.splitlines() if ln.startswith("n=1"))
+    assert "x" not in line.replace("n=1", "")  # no ratio at all, in particular not 4.00x
+    assert "empty '... vs base' cells" in table
+    assert not [r for r in to_rows(ms, None, INFO) if r["metric"] == "speedup"]
+
+
+# ------------------------------------------------------------------ nothing to measure
+
+
+def test_nothing_to_measure_says_why():
+    from lmfuse.bench.suite import nothing_to_measure
+
+    fwd_only = [_case([_matmul_provider("fast")], modes=("fwd",))]
+    msg = nothing_to_measure("toy", fwd_only, ["bwd"], CPU, "tiny")
+    assert "toy has no backward" in msg and "not differentiable" in msg and "--modes bwd" in msg
+    assert nothing_to_measure("toy", fwd_only, ["fwd", "bwd"], CPU, "tiny") is None
+    assert "no case on cpu" in nothing_to_measure("toy", [], ["fwd"], CPU, "quick")
+
+
+# ------------------------------------------------------------------ time budget
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _budget_cases(clock, started, cost_s, out_dir=None, seen_on_disk=None):
+    """Two fake ops: "a" (3 cases, the middle one marked headline) and "b" (2 cases, none marked).
+    Building a provider records the case and advances the fake clock by ``cost_s``."""
+    def provider(op, shape):
+        def build():
+            started.append(f"{op}:{shape}")
+            if seen_on_disk is not None and out_dir is not None:  # what earlier cases left on disk
+                seen_on_disk[f"{op}:{shape}"] = sorted(p.name for p in out_dir.glob("*.csv"))
+            clock.now += cost_s
+            a = torch.ones(4, requires_grad=True)
+            return Workload(lambda: a * 2, [a])
+        return Provider("p", build)
+
+    def case(op, shape, headline=False):
+        return Case(op, shape, torch.float32, CPU, [provider(op, shape)], modes=("fwd",), headline=headline)
+
+    return {"a": [case("a", "a0"), case("a", "a1", headline=True), case("a", "a2")],
+            "b": [case("b", "b0"), case("b", "b1")]}
+
+
+def test_headline_cases_of_every_op_come_first():
+    from lmfuse.bench.suite import order_cases
+
+    order = [c.shape for _, c in order_cases(_budget_cases(FakeClock(), [], 0.0))]
+    assert order == ["a1", "b0", "a0", "a2", "b1"]
+
+
+def test_budget_stops_cleanly_writes_as_it_goes_and_lists_what_it_skipped(tmp_path):
+    from lmfuse.bench.suite import Budget, run_cases
+
+    clock, started, seen, echoed = FakeClock(), [], {}, []
+    out = tmp_path / "res"
+    cases = _budget_cases(clock, started, 10.0, out, seen)
+    # 25 s, 10 s a case: a1 (0-10), b0 (10-20); then 5 s are left and each op's last case took 10 s
+    res = run_cases(cases, ["fwd"], CEIL, INFO, out, "tiny", plot=False, progress=False,
+                    echo=echoed.append, budget=Budget(25.0, clock))
+    assert started == ["a:a1", "b:b0"]
+    assert seen["b:b0"] == ["a.csv"]  # a1's result was on disk before b0 started
+    with open(out / "b.csv") as f:
+        assert {r["shape"] for r in csv.DictReader(f)} == {"b0"}
+    assert [s.split(" ")[0] for s in res["a"].skipped] == ["a0", "a2"]
+    assert [s.split(" ")[0] for s in res["b"].skipped] == ["b1"]
+    assert all("time budget" in s for s in res["a"].skipped + res["b"].skipped)
+    assert len(echoed) == 2 and "a1" in echoed[0] and "b0" in echoed[1]  # one table per finished case
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_budget_never_starts_a_case_once_spent():
+    from lmfuse.bench.suite import Budget, run_cases
+
+    clock, started = FakeClock(), []
+    # 15 s: a1 (0-10); b0 has no estimate yet and 5 s are left, so it starts (10-20); then none
+    res = run_cases(_budget_cases(clock, started, 10.0), ["fwd"], CEIL, INFO, None, "tiny", plot=False,
+                    progress=False, echo=lambda s: None, budget=Budget(15.0, clock))
+    assert started == ["a:a1", "b:b0"]
+    assert all("spent" in s for s in res["a"].skipped + res["b"].skipped)
+    clock2, started2 = FakeClock(), []
+    run_cases(_budget_cases(clock2, started2, 10.0), ["fwd"], CEIL, INFO, None, "tiny", plot=False,
+              progress=False, echo=lambda s: None, budget=None)
+    assert started2 == ["a:a1", "b:b0", "a:a0", "a:a2", "b:b1"]  # no budget: everything runs
+
+
+def test_budget_refuses_bad_values():
+    from lmfuse.bench.suite import Budget
+
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="budget"):
+            Budget(bad)
+
+
+def _fake_suite(monkeypatch, clock, started, cost_s):
+    """run_suite over two fake benchmark modules (no discovery, no real ceilings)."""
+    import types
+
+    from lmfuse.bench import suite
+
+    built = []
+
+    def module(op):
+        def cases(scale, device):
+            built.append(op)
+            return _budget_cases(clock, started, cost_s)[op]
+        return types.SimpleNamespace(cases=cases, OP=op)
+
+    mods = {"a": module("a"), "b": module("b")}
+    monkeypatch.setattr(suite, "discover", lambda: {"a": "a", "b": "b"})
+    monkeypatch.setattr(suite, "load", lambda name: (name, mods[name]))
+    monkeypatch.setattr(suite, "measure_ceilings", lambda device, scale: CEIL)
+    return suite, built
+
+
+def test_suite_with_budget_runs_headlines_first_and_one_op_at_a_time(monkeypatch, tmp_path):
+    clock, started, echoed = FakeClock(), [], []
+    suite, built = _fake_suite(monkeypatch, clock, started, 1.0)
+    res = suite.run_suite(None, CPU, "tiny", ["fwd"], tmp_path, plot=False, progress=False, info=INFO,
+                          echo=echoed.append, budget_s=100.0, clock=clock)
+    assert started == ["a:a1", "b:b0", "a:a0", "a:a2", "b:b1"]
+    assert built == ["a", "b", "a", "b"]  # pass 1 then pass 2: never two modules' cases at once
+    assert all(not r.skipped for r in res)
+    assert json.loads((tmp_path / "budget.json").read_text())["skipped"] == []
+    assert any("every case ran" in e for e in echoed)
+
+
+def test_suite_budget_skips_pass_two_and_says_what(monkeypatch, tmp_path):
+    clock, started, echoed = FakeClock(), [], []
+    suite, built = _fake_suite(monkeypatch, clock, started, 10.0)
+    res = {r.op: r for r in suite.run_suite(None, CPU, "tiny", ["fwd"], tmp_path, plot=False, progress=False,
+                                            info=INFO, echo=echoed.append, budget_s=25.0, clock=clock)}
+    assert started == ["a:a1", "b:b0"] and built == ["a", "b"]  # pass 2 was not even built
+    assert [s.split(" ")[0] for s in res["a"].skipped] == ["a0", "a2"]
+    record = json.loads((tmp_path / "budget.json").read_text())
+    assert [(s["op"], s["case"].split(" ")[0]) for s in record["skipped"]] == [("a", "a0"), ("a", "a2"), ("b", "b1")]
+    assert any(e.startswith("  skipped a a0") for e in echoed)
+
+
+def test_suite_without_budget_runs_op_by_op_headline_first(monkeypatch):
+    clock, started = FakeClock(), []
+    suite, built = _fake_suite(monkeypatch, clock, started, 1.0)
+    suite.run_suite(None, CPU, "tiny", ["fwd"], None, plot=False, progress=False, info=INFO, echo=lambda s: None)
+    assert started == ["a:a1", "a:a0", "a:a2", "b:b0", "b:b1"] and built == ["a", "b"]
+    with pytest.raises(ValueError, match="a has no backward"):
+        suite.run_suite(["a"], CPU, "tiny", ["bwd"], None, plot=False, progress=False, info=INFO, echo=lambda s: None)

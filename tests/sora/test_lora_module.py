@@ -153,3 +153,6 @@ def test_merged_layer_refuses_compact_and_bad_arguments_raise():
         LoRALinear(nn.Linear(3, 3), 0)
     with pytest.raises(ValueError, match="dropout"):
         LoRALinear(nn.Linear(3, 3), 2, dropout=1.0)
+    for alpha in (0.0, -8.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lora_alpha"):
+            LoRALinear(nn.Linear(3, 3), 2, lora_alpha=alpha)

@@ -50,9 +50,15 @@ def test_optimizer_applies_the_proximal_step_after_adamw(mode, threshold):
     lr, xi = 0.5, 0.1
     opt = SparseGateOptimizer([g], lr=lr, xi=xi, xi_mode=mode, threshold=threshold)
     _zero_grad_step(opt, [g])  # zero gradient: AdamW moves nothing, only the threshold acts
-    expected = torch.tensor(HAND)
-    (soft_threshold_ if threshold == "soft" else sequential_threshold_)(expected, xi * lr if mode == "lr_scaled" else xi)
-    assert torch.allclose(g.data, expected, rtol=0, atol=1e-7)
+    # Hand-computed from HAND = [0.5, -0.5, 0.15, -0.15, 0.25, -0.25, 0.05, -0.05, 0.0, 0.3]:
+    # soft with ξ=0.1 shrinks by 0.1 and zeroes |g| ≤ 0.1; lr_scaled uses ξ·lr = 0.05 (0.05 → 0);
+    # the sequential masks zero everything below 2ξ = 0.2 and shrink the rest by 0.1.
+    expected = {
+        ("absolute", "soft"): [0.4, -0.4, 0.05, -0.05, 0.15, -0.15, 0.0, 0.0, 0.0, 0.2],
+        ("lr_scaled", "soft"): [0.45, -0.45, 0.1, -0.1, 0.2, -0.2, 0.0, 0.0, 0.0, 0.25],
+        ("absolute", "sequential"): [0.4, -0.4, 0.0, 0.0, 0.15, -0.15, 0.0, 0.0, 0.0, 0.2],
+    }[(mode, threshold)]
+    assert torch.allclose(g.data, torch.tensor(expected), rtol=0, atol=1e-7)
 
 
 def test_optimizer_adam_update_matches_adamw_then_threshold():
@@ -68,7 +74,8 @@ def test_optimizer_adam_update_matches_adamw_then_threshold():
         g1.grad, g2.grad, w.grad, w2.grad = grads[0].clone(), grads[0].clone(), grads[1].clone(), grads[1].clone()
         ours.step()
         ref.step()
-        soft_threshold_(g2, 0.02)
+        with torch.no_grad():  # the proximal step of 0.02·‖·‖₁, written out: shrink toward 0, clip at 0
+            g2.copy_(torch.where(g2 > 0.02, g2 - 0.02, torch.where(g2 < -0.02, g2 + 0.02, torch.zeros_like(g2))))
     assert torch.allclose(g1, g2, atol=1e-7) and torch.allclose(w, w2, atol=1e-7)
     assert ours.xi == 0.02
     ours.xi = 0.5

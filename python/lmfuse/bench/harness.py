@@ -90,6 +90,9 @@ class Case:
     ``baseline`` names the provider speedups are computed against; ``target`` the provider
     the table highlights (ours). ``cuda_graph`` asks for CUDA-graph timing of the forward
     (for tiny, launch-bound ops). ``note`` goes into every row (e.g. "inputs fit in L2").
+    ``headline`` marks the case(s) ``lmfuse bench`` runs first, before any op's other cases (when
+    no case of a module is marked, its first case is the headline): the one number to have if a
+    time budget cuts the run short.
     """
 
     op: str
@@ -103,6 +106,7 @@ class Case:
     modes: tuple[str, ...] = MODES
     cuda_graph: bool = False
     note: str = ""
+    headline: bool = False
 
 
 @dataclass
@@ -212,16 +216,17 @@ def run_case(case: Case, policy: TimingPolicy, modes: Sequence[str] = MODES) -> 
 
 
 def speedups(measurements: Sequence[Measurement]) -> dict[tuple[str, str, str, str], float]:
-    """``baseline median / provider median`` keyed by (op, shape, mode, provider)."""
-    base: dict[tuple[str, str, str], float] = {}
+    """``baseline median / provider median`` keyed by (op, shape, dtype, mode, provider); only
+    where the case's own baseline ran (never against another provider)."""
+    base: dict[tuple[str, str, str, str], float] = {}
     for m in measurements:
         if m.status == "ok" and m.provider == m.baseline:
-            base[(m.op, m.shape, m.mode)] = m.timing.median_ms
+            base[(m.op, m.shape, m.dtype, m.mode)] = m.timing.median_ms
     result = {}
     for m in measurements:
-        ref = base.get((m.op, m.shape, m.mode))
+        ref = base.get((m.op, m.shape, m.dtype, m.mode))
         if m.status == "ok" and ref is not None:
-            result[(m.op, m.shape, m.mode, m.provider)] = ref / m.timing.median_ms
+            result[(m.op, m.shape, m.dtype, m.mode, m.provider)] = ref / m.timing.median_ms
     return result
 
 

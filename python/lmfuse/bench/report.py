@@ -137,7 +137,7 @@ def to_rows(measurements: Sequence[Measurement], ceilings: Ceilings | None, info
                 rows.append(_row(m, info, "roofline_pct", *eff, "%"))
         if m.peak_mem_mb is not None:
             rows.append(_row(m, info, "peak_mem_mb", m.peak_mem_mb, unit="MiB"))
-        s = speed.get((m.op, m.shape, m.mode, m.provider))
+        s = speed.get((m.op, m.shape, m.dtype, m.mode, m.provider))
         if s is not None:
             rows.append(_row(m, info, "speedup", s, unit="x", note=f"vs {m.baseline}"))
     return rows
@@ -145,11 +145,15 @@ def to_rows(measurements: Sequence[Measurement], ceilings: Ceilings | None, info
 
 def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, op: str,
                   ceilings: Ceilings | None = None) -> tuple[Path, Path]:
-    """Write ``<op>.csv`` and ``<op>.json`` (rows + ceilings) under ``out_dir``."""
+    """Write ``<op>.csv`` and ``<op>.json`` (rows + ceilings) under ``out_dir``.
+
+    Each file is written to a temporary name and renamed into place, so a run killed while
+    writing leaves the previous complete file, never a truncated one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / f"{op}.csv", out / f"{op}.json"
-    with open(csv_path, "w", newline="") as f:
+    csv_tmp, json_tmp = out / f".{op}.csv.tmp", out / f".{op}.json.tmp"
+    with open(csv_tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
@@ -159,25 +163,34 @@ def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, op: str,
         "ceilings": ceilings.as_dict() if ceilings else None,
         "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows],
     }
-    with open(json_path, "w") as f:
+    with open(json_tmp, "w") as f:
         json.dump(payload, f, indent=1)
+    os.replace(csv_tmp, csv_path)
+    os.replace(json_tmp, json_path)
     return csv_path, json_path
 
 
 def format_table(measurements: Sequence[Measurement], ceilings: Ceilings | None = None) -> str:
-    """Providers side by side (median ms per call, ``*`` when noisy), then the target's
-    speedup over the baseline and its % of roofline, one line per (shape, mode)."""
+    """Providers side by side (median ms per call, ``*`` when noisy), then for each baseline the
+    cases name, a ``<target> vs <baseline>`` ratio column (baseline median / target median) and
+    the target's % of roofline, one line per (shape, mode).
+
+    A ratio cell is empty where that row's case has another baseline, or where the baseline or
+    the target did not run (skipped, error): a ratio is never taken against another provider."""
     if not measurements:
         return "(no measurements)"
     speed = speedups(measurements)
     providers = list(dict.fromkeys(m.provider for m in measurements))
     keys = list(dict.fromkeys((m.op, m.shape, m.dtype, m.mode) for m in measurements))
     by_key = {(m.op, m.shape, m.dtype, m.mode, m.provider): m for m in measurements}
+    case_pair = {}  # (op, shape, dtype, mode) -> (target, baseline) of its case
+    for m in measurements:
+        case_pair.setdefault((m.op, m.shape, m.dtype, m.mode), (m.target, m.baseline))
+    pairs = list(dict.fromkeys(p for p in case_pair.values() if p[0] and p[1]))
+    targets = list(dict.fromkeys(t for t, _ in pairs))
     first = measurements[0]
-    target, baseline = first.target, first.baseline
     head = ["shape", "dtype", "mode"] + [f"{p} ms" for p in providers]
-    if target and baseline:
-        head += [f"{target} vs {baseline}", f"{target} roofline"]
+    head += [f"{t} vs {b}" for t, b in pairs] + [f"{t} roofline" for t in targets]
     lines = [head]
     for op, shape, dtype, mode in keys:
         cells = [shape, dtype, mode]
@@ -190,14 +203,16 @@ def format_table(measurements: Sequence[Measurement], ceilings: Ceilings | None 
                 cells.append(f"{m.timing.median_ms:.3f}" + ("*" if noisy else ""))
             else:
                 cells.append(m.status)
-        if target and baseline:
-            s = speed.get((op, shape, mode, target))
-            cells.append(f"{s:.2f}x" if s is not None else "n/a")
-            m = by_key.get((op, shape, dtype, mode, target))
+        mine = case_pair[(op, shape, dtype, mode)]
+        for pair in pairs:
+            s = speed.get((op, shape, dtype, mode, pair[0])) if pair == mine else None
+            cells.append(f"{s:.2f}x" if s is not None else "")
+        for t in targets:
+            m = by_key.get((op, shape, dtype, mode, t))
             if ceilings and m is not None and m.status == "ok" and m.flops is not None:
                 cells.append(f"{100 * efficiency(m.flops, m.nbytes, m.timing.median_ms, ceilings):.1f}%")
             else:
-                cells.append("n/a")
+                cells.append("n/a" if mine[0] == t else "")
         lines.append(cells)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -205,6 +220,10 @@ def format_table(measurements: Sequence[Measurement], ceilings: Ceilings | None 
     out += [fmt(r) for r in lines[1:]]
     if any(m.status == "ok" and m.timing.p80_ms > NOISY_SPREAD * m.timing.p20_ms for m in measurements):
         out.append(f"  * noisy: p80 > {NOISY_SPREAD} x p20 (a busy machine?)")
+    missing = {b for (op, shape, dtype, mode), (t, b) in case_pair.items()
+               if t and b and speed.get((op, shape, dtype, mode, t)) is None}
+    for b in sorted(missing):
+        out.append(f"  empty '... vs {b}' cells: {b} (or the target) has no time there")
     problems = [m for m in measurements if m.status != "ok"]
     for m in {(m.provider, m.status, m.note): m for m in problems}.values():
         out.append(f"  {m.provider}: {m.status}: {m.note}")

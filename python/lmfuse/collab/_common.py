@@ -41,11 +41,44 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
 
 
+def _eos_ids(value, what: str) -> list[int]:
+    """``value`` (an int, a sequence of ints or a 1-D tensor) as a list of non-negative ints."""
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    try:
+        ids = list(value)
+    except TypeError:
+        raise TypeError(f"{what}: expected an int, a list of ints, [] (no EOS) or None, "
+                        f"got {type(value).__name__}") from None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{what}: expected non-negative int token ids, got {value!r}")
+    return ids
+
+
+def resolve_eos(model, eos_token_id) -> list[int]:
+    """The end-of-sequence ids a generation loop stops at, as ``transformers``' ``generate`` does.
+
+    ``eos_token_id``: an int or a list of ints wins; ``[]`` means no EOS (generate the whole
+    budget); ``None`` takes ``model.generation_config.eos_token_id`` when the model has a
+    generation config (as ``generate`` does: a generation config whose EOS is ``None`` means no
+    EOS), else ``model.config.eos_token_id``; either may be an int or a list. Returns the ids as
+    a list (empty = no EOS).
+    """
+    if eos_token_id is not None:
+        return _eos_ids(eos_token_id, "eos_token_id")
+    owner = "generation_config" if getattr(model, "generation_config", None) is not None else "config"
+    value = getattr(getattr(model, owner, None), "eos_token_id", None)
+    return [] if value is None else _eos_ids(value, f"model.{owner}.eos_token_id")
+
+
 def eos_set(eos_token_id) -> torch.Tensor | None:
-    """``eos_token_id`` (int, list or None) as a 1-D long tensor, or None."""
+    """``eos_token_id`` (int, list or None) as a 1-D long tensor, or None (no EOS)."""
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids = _eos_ids(eos_token_id, "eos_token_id")
     return torch.tensor(ids, dtype=torch.long) if ids else None
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import OutputBuffer, check_prompt, check_sampling, eos_set, pad_id
+from ._common import OutputBuffer, check_prompt, check_sampling, eos_set, pad_id, resolve_eos
 from .kv_cache import DecodeState
 from .speculative import GenerateOutput
 
@@ -65,6 +65,7 @@ def _collab_loop(models: dict, mode: str, input_ids, attention_mask, *, max_new_
         raise ValueError(f"models must share one vocabulary, got sizes {vocab}")
     device = input_ids.device
     B = input_ids.shape[0]
+    eos_token_id = resolve_eos(models["large"] if "large" in models else models["small"], eos_token_id)
     out = OutputBuffer(B, max_new_tokens, pad_id(pad_token_id, eos_token_id), eos_set(eos_token_id), device)
     trace = TokenTrace(*(torch.zeros(B, max_new_tokens) for _ in range(3)),
                        torch.zeros(B, max_new_tokens, dtype=torch.bool),
@@ -111,7 +112,13 @@ def plain_generate(model, input_ids, attention_mask=None, *, max_new_tokens: int
                    top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None) -> GenerateOutput:
     """Ordinary decoding with one model through the same loop (the baseline the others are
     compared with). Returns :class:`GenerateOutput` with :class:`CollabStats` and ``.trace``
-    (``differs`` is always False here)."""
+    (``differs`` is always False here).
+
+    ``eos_token_id`` (here and in the other loops of this module): an int or a list of ints; a
+    row stops after emitting one. ``None`` (default) takes the model's
+    ``generation_config.eos_token_id`` (``config.eos_token_id`` for a model without a generation
+    config; the large model's where there are several), as ``generate`` does; ``[]`` means no
+    EOS."""
     kw = _common_kwargs(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
     return _collab_loop({"small": model}, "none", input_ids, attention_mask, step_kwargs={}, **kw)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import OutputBuffer, check_prompt, check_sampling, eos_set, pad_id
+from ._common import OutputBuffer, check_prompt, check_sampling, eos_set, pad_id, resolve_eos
 from .drafters import PromptLookupDrafter
 from .kv_cache import DecodeState, left_padded
 
@@ -105,8 +105,10 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
         input_ids: ``[B, P]`` int64, left-padded; ``attention_mask`` ``[B, P]`` (1 = token).
         max_new_tokens: new tokens per row at most; ``num_draft_tokens``: drafts per step (k).
         temperature, top_k, top_p: 0 = greedy; else the target's sampling distribution.
-        eos_token_id: int or list; a row stops after emitting one. ``pad_token_id`` fills the
-            rest (default: the first EOS id, else 0).
+        eos_token_id: int or list; a row stops after emitting one. ``None`` (default) takes the
+            target's ``generation_config.eos_token_id`` (``config.eos_token_id`` without a
+            generation config), as ``generate`` does; ``[]`` means no EOS. ``pad_token_id`` fills the rest (default:
+            the first EOS id, else 0).
         generator: a ``torch.Generator`` on the logits' device, for reproducible sampling.
         draft_confidence_threshold: a row stops drafting in a step after a draft token whose
             probability under the draft model (temperature-scaled softmax, before top-k/top-p)
@@ -136,6 +138,7 @@ def speculative_generate(target, draft, input_ids, attention_mask=None, *, max_n
                          f"target's {target.config.vocab_size}")
     device = input_ids.device
     B, P = input_ids.shape
+    eos_token_id = resolve_eos(target, eos_token_id)
     pad = pad_id(pad_token_id, eos_token_id)
     out = OutputBuffer(B, max_new_tokens, pad, eos_set(eos_token_id), device)
     proposed = torch.zeros(B, dtype=torch.long)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .addressing import get_logical, iter_backbone_modules
 from .deltas import LORA_FAMILY, config_from_dict
-from .model import Delta, attach, get_deltas, unwrap_model
+from .model import Delta, attach, detach, get_deltas, unwrap_model
 
 FORMAT = "lmfuse-delta"
 VERSION = 1
@@ -55,25 +55,76 @@ def _touched(deltas: Iterable[Delta]) -> list[str]:
     return sorted(set(out))
 
 
+# the dtypes a backbone's weights are also hashed in, so that a copy of the same backbone cast to
+# another dtype (``model.to(torch.bfloat16)``) is recognised exactly: the copy's weights are, bit
+# for bit, the saved backbone's weights cast to its dtype
+CANONICAL_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                    "float16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _weights_digest(tensors: list[tuple[str, torch.Tensor]], cast: Optional[torch.dtype]) -> str:
+    """SHA-256 of ``(name, dtype, bytes)`` of each tensor, each cast to ``cast`` first (unless None)."""
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach()
+        if cast is not None and t.is_floating_point():
+            t = t.to(cast)
+        digest.update(f"{name}:{t.dtype}".encode())
+        digest.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def backbone_identity(model: nn.Module, paths: list[str], weights: bool = True) -> dict:
     """Class name, ``model_type``, a hash of the architecture config, the class and parameter
-    shapes of each touched module and (``weights``) a SHA-256 of their weights."""
+    shapes of each touched module and (``weights``) the dtypes of their weights, a SHA-256 of
+    them as they are (``weights_sha256``) and one per dtype of :data:`CANONICAL_DTYPES` after
+    casting them to it (``weights_sha256_by_dtype``)."""
     for d in get_deltas(model).values():
         if d.merged and set(d.paths) & set(paths):
             raise RuntimeError(f"delta {d.name!r} is merged into modules being identified: unmerge it first")
-    modules, digest = {}, hashlib.sha256()
+    modules, tensors = {}, []
     for path in paths:
         cls = type(model.get_input_embeddings() if path == EMBEDDINGS else get_logical(model, path)).__name__
-        tensors = _module_tensors(model, path)
-        modules[path] = {"class": cls, "params": {n: list(t.shape) for n, t in tensors}}
-        if weights:
-            for n, t in tensors:
-                digest.update(f"{path}.{n}:{t.dtype}".encode())
-                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return {"class": type(model).__name__,
-            "model_type": getattr(getattr(model, "config", None), "model_type", None),
-            "config_sha256": _config_hash(model), "modules": modules,
-            "weights_sha256": digest.hexdigest() if weights else None}
+        own = _module_tensors(model, path)
+        modules[path] = {"class": cls, "params": {n: list(t.shape) for n, t in own}}
+        tensors += [(f"{path}.{n}", t) for n, t in own]
+    out = {"class": type(model).__name__,
+           "model_type": getattr(getattr(model, "config", None), "model_type", None),
+           "config_sha256": _config_hash(model), "modules": modules, "weights_sha256": None}
+    if weights:
+        out["weights_sha256"] = _weights_digest(tensors, None)
+        out["weights_dtypes"] = sorted({_dtype_name(t.dtype) for _, t in tensors})
+        out["weights_sha256_by_dtype"] = {k: _weights_digest(tensors, d) for k, d in CANONICAL_DTYPES.items()}
+    return out
+
+
+def _weights_match(model: nn.Module, paths: list[str], saved: dict) -> tuple[bool, str]:
+    """Whether the touched weights are the saved backbone's, cast to the model's dtype if it
+    differs; and, when not, the reason."""
+    tensors = [(f"{p}.{n}", t) for p in paths for n, t in _module_tensors(model, p)]
+    here = sorted({_dtype_name(t.dtype) for _, t in tensors})
+    there = saved.get("weights_dtypes")
+    by_dtype = saved.get("weights_sha256_by_dtype") or {}
+    if there is not None and here != there:
+        if len(here) == 1 and here[0] in by_dtype:
+            # a copy in another dtype: compare with the saved weights cast to that dtype
+            if _weights_digest(tensors, CANONICAL_DTYPES[here[0]]) == by_dtype[here[0]]:
+                return True, ""
+            return False, (f"the weights of the touched modules differ from the saved backbone's, even "
+                           f"after casting those ({', '.join(there)}) to this model's {here[0]}")
+        return False, (f"the touched modules' weights are {', '.join(here)}, the saved backbone's were "
+                       f"{', '.join(there)}, and no hash of them in that dtype mix was saved: cast the "
+                       f"model to one dtype")
+    if _weights_digest(tensors, None) == saved["weights_sha256"]:
+        return True, ""
+    why = "the weights of the touched modules differ from the saved backbone's"
+    if there is None:
+        why += f" (or only their dtype does: this model's are {', '.join(here)}; the delta was saved without a dtype record)"
+    return False, why
 
 
 def save(model: nn.Module, directory: str, names: Optional[Iterable[str]] = None) -> str:
@@ -131,9 +182,12 @@ def _check_backbone(model: nn.Module, saved: dict, check_weights: bool) -> None:
         if cls != want["class"] or shapes != want["params"]:
             problems.append(f"module {path}: {cls} {shapes} != saved {want['class']} {want['params']}")
     if not problems and check_weights and saved.get("weights_sha256"):
-        if backbone_identity(model, paths)["weights_sha256"] != saved["weights_sha256"]:
-            problems.append("the weights of the touched modules differ from the saved backbone's "
-                            "(pass check_weights=False to load onto a fine-tuned copy on purpose)")
+        for d in get_deltas(model).values():
+            if d.merged and set(d.paths) & set(paths):
+                raise RuntimeError(f"delta {d.name!r} is merged into modules being identified: unmerge it first")
+        same, why = _weights_match(model, paths, saved)
+        if not same:
+            problems.append(f"{why} (pass check_weights=False to load onto a fine-tuned copy on purpose)")
     if problems:
         raise BackboneMismatchError(f"the delta was saved from a different backbone "
                                     f"({saved['class']}, model_type={saved.get('model_type')}):\n  - "
@@ -144,7 +198,11 @@ def load(model: nn.Module, directory: str, names: Optional[Iterable[str]] = None
          check_weights: bool = True) -> list[Delta]:
     """Attach the deltas saved in ``directory`` (all, or ``names``) to ``model`` with their saved
     parameters. Raises :class:`BackboneMismatchError` when the model's class, architecture config,
-    touched modules' shapes or (``check_weights``) their weights differ from the saved backbone."""
+    touched modules' shapes or (``check_weights``) their weights differ from the saved backbone.
+    A copy of the same backbone in another floating dtype (e.g. ``model.to(torch.bfloat16)``) is
+    the same backbone: its weights are compared with the saved ones cast to its dtype, and the
+    delta's parameters take the dtype of the modules they attach to. All or nothing: on any
+    error no delta of ``directory`` is left attached."""
     from safetensors.torch import load_file
 
     model = unwrap_model(model)
@@ -158,16 +216,25 @@ def load(model: nn.Module, directory: str, names: Optional[Iterable[str]] = None
     _check_backbone(model, meta["backbone"], check_weights)
     tensors = load_file(os.path.join(directory, WEIGHTS_FILE))
     wanted = None if names is None else set(names)
+    entries = [e for e in meta["deltas"] if wanted is None or e["name"] in wanted]
+    if wanted is not None and len(entries) != len(wanted):
+        raise KeyError(f"not in {directory}: {sorted(wanted - {e['name'] for e in entries})} "
+                       f"(saved: {[e['name'] for e in meta['deltas']]})")
+    attached = get_deltas(model)
+    clash = [e["name"] for e in entries if e["name"] in attached]
+    if clash:
+        raise ValueError(f"deltas named {clash} are already attached; detach them first")
     out = []
-    for e in meta["deltas"]:
-        if wanted is not None and e["name"] not in wanted:
-            continue
-        cfg = config_from_dict(e["kind"], e["config"])
-        paths = None if e["kind"] == "soft_prompt" else e["paths"]
-        d = attach(model, cfg, e["name"], _paths=paths, _per_module=e.get("modules") or None)
-        prefix = e["name"] + "/"
-        d.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        out.append(d)
-    if wanted is not None and len(out) != len(wanted):
-        raise KeyError(f"not in {directory}: {sorted(wanted - {d.name for d in out})}")
+    try:
+        for e in entries:
+            cfg = config_from_dict(e["kind"], e["config"])
+            paths = None if e["kind"] == "soft_prompt" else e["paths"]
+            d = attach(model, cfg, e["name"], _paths=paths, _per_module=e.get("modules") or None)
+            out.append(d)
+            prefix = e["name"] + "/"
+            d.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    except BaseException:
+        for d in reversed(out):
+            detach(model, d.name)
+        raise
     return out

@@ -10,10 +10,11 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from .addressing import (default_targets, get_logical, get_slot, innermost, is_delta_wrapper,
-                         iter_backbone_modules, matches_any, resolve_targets)
+from .addressing import (_check_patterns, default_targets, get_logical, get_slot, innermost,
+                         is_delta_wrapper, iter_backbone_modules, matches_any, resolve_targets)
 from .deltas import (LORA_FAMILY, DeltaConfig, SoftPromptConfig, accepts_bias, accepts_lora,
                      build_lora, build_wrapper, refresh_lora_base, restore_target)
+from .rollback import Rollback
 from .soft_prompt import SoftPrompt, make_hooks
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -105,7 +106,10 @@ def _chain_holder(model: nn.Module, path: str, target: Optional[nn.Module]):
         holder, attr = cur, "base"
 
 
-def _insert(model: nn.Module, path: str, wrapper: nn.Module, kind: str) -> None:
+def _insert(model: nn.Module, path: str, wrapper: nn.Module, kind: str) -> tuple:
+    """Put ``wrapper`` in the chain at ``path``; returns ``(holder, attr, previous, wrapper,
+    previous_base)``, what :func:`_undo` needs to put everything back."""
+    old_base = wrapper._modules.get("base")
     if kind in LORA_FAMILY:
         # LoRA must wrap the backbone linear layer itself, so it goes innermost
         for w in _chain(model, path):
@@ -118,7 +122,9 @@ def _insert(model: nn.Module, path: str, wrapper: nn.Module, kind: str) -> None:
     else:
         holder, attr = get_slot(model, path)  # other deltas apply after the ones already there
         wrapper.base = getattr(holder, attr)
+    previous = getattr(holder, attr)
     setattr(holder, attr, wrapper)
+    return holder, attr, previous, wrapper, old_base
 
 
 def _chain(model: nn.Module, path: str) -> list[nn.Module]:
@@ -164,39 +170,56 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default",
         raise TypeError(f"config must be one of lmfuse.delta's *Config objects, got {type(config).__name__}")
     _check_name(model, name)
     delta = Delta(name, config)
-    if isinstance(config, SoftPromptConfig):
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if not isinstance(emb, nn.Embedding):
-            raise TypeError(f"a soft prompt needs a model with get_input_embeddings() -> nn.Embedding, "
-                            f"{type(model).__name__} has none")
-        delta.soft = SoftPrompt(emb, config.n_tokens, config.init, generator)
-        _attach_soft(model, delta)
-    else:
-        if _paths is None:
-            targets = config.targets if config.targets is not None else default_targets(model, config.kind)
-            _paths = resolve_targets(model, targets, config.exclude, _ACCEPT.get(config.kind), config.kind)
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        for path in _paths:
-            module = get_logical(model, path)
-            if _per_module and path in _per_module:  # a pruned SoRA layer: its own rank / gate / scaling
-                spec = _per_module[path]
-                wrapper = build_lora(module, config, r=spec["r"], gated=spec["gated"], generator=generator)
-                wrapper.scaling, wrapper.lora_alpha = spec["scaling"], spec["scaling"] * spec["r"]
-            else:
-                wrapper = build_wrapper(module, config, hidden, generator)
-            _mark(wrapper, delta)
-            _insert(model, path, wrapper, config.kind)
-            delta.wrappers[path], delta.originals[path] = wrapper, module
-    delta.attached = True
-    get_deltas(model)[name] = delta
+    with Rollback(model, get_deltas(model)) as undo:
+        if isinstance(config, SoftPromptConfig):
+            emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            if not isinstance(emb, nn.Embedding):
+                raise TypeError(f"a soft prompt needs a model with get_input_embeddings() -> nn.Embedding, "
+                                f"{type(model).__name__} has none")
+            delta.soft = SoftPrompt(emb, config.n_tokens, config.init, generator)
+            _attach_soft(model, delta, undo)
+        else:
+            if _paths is None:
+                targets = config.targets if config.targets is not None else default_targets(model, config.kind)
+                _paths = resolve_targets(model, targets, config.exclude, _ACCEPT.get(config.kind), config.kind)
+            if config.kind in LORA_FAMILY:
+                _check_lora_free(model, _paths)
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            for path in _paths:
+                module = get_logical(model, path)
+                if _per_module and path in _per_module:  # a pruned SoRA layer: its own rank / gate / scaling
+                    spec = _per_module[path]
+                    wrapper = build_lora(module, config, r=spec["r"], gated=spec["gated"], generator=generator)
+                    wrapper.scaling, wrapper.lora_alpha = spec["scaling"], spec["scaling"] * spec["r"]
+                else:
+                    wrapper = build_wrapper(module, config, hidden, generator)
+                _mark(wrapper, delta)
+                undo.slots.append(_insert(model, path, wrapper, config.kind))
+                delta.wrappers[path], delta.originals[path] = wrapper, module
+        delta.attached = True
+        get_deltas(model)[name] = delta
     return delta
 
 
-def _attach_soft(model: nn.Module, delta: Delta) -> None:
-    model.add_module(f"lmfuse_soft_prompt_{delta.name}", delta.soft)
+def _check_lora_free(model: nn.Module, paths) -> None:
+    """Refuse, before changing anything, paths that already carry a LoRA-family delta."""
+    for path in paths:
+        for w in _chain(model, path):
+            if getattr(w, "_lmfuse_delta_kind", None) in LORA_FAMILY:
+                raise ValueError(f"{path} already carries the {w._lmfuse_delta_kind} delta "
+                                 f"{w._lmfuse_delta_name!r}; one LoRA-family delta per layer")
+
+
+def _attach_soft(model: nn.Module, delta: Delta, undo: Rollback) -> None:
+    name = f"lmfuse_soft_prompt_{delta.name}"
+    if name in model._modules:
+        raise ValueError(f"the model already has a sub-module named {name!r}")
+    model.add_module(name, delta.soft)
+    undo.added.append(name)
     pre, post = make_hooks(model, delta.soft)
     delta._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
                     model.register_forward_hook(post, with_kwargs=True)]
+    undo.hooks.extend(delta._hooks)
 
 
 def _get(model: nn.Module, name: str) -> Delta:
@@ -212,18 +235,27 @@ def detach(model: nn.Module, name: str = "default") -> Delta:
     keeps the delta's parameters for :func:`reattach`."""
     model = unwrap_model(model)
     delta = _get(model, name)
-    for path, wrapper in delta.wrappers.items():
-        if getattr(wrapper, "merged", False):
-            wrapper.unmerge()
-        holder, attr = _chain_holder(model, path, wrapper)
-        setattr(holder, attr, restore_target(wrapper))
-    if delta.soft is not None:
-        for h in delta._hooks:
-            h.remove()
-        delta._hooks = []
-        delattr(model, f"lmfuse_soft_prompt_{delta.name}")
-    delta.attached = False
-    del get_deltas(model)[name]
+    # find every wrapper first: a model edited since attaching fails here, before any change
+    slots = {path: _chain_holder(model, path, wrapper) for path, wrapper in delta.wrappers.items()}
+    with Rollback(model, get_deltas(model)) as undo:
+        undo.keep(delta)
+        for path, wrapper in delta.wrappers.items():
+            if getattr(wrapper, "merged", False):
+                wrapper.unmerge()
+                undo.unmerged.append(wrapper)
+            holder, attr = slots[path]
+            undo.slots.append((holder, attr, getattr(holder, attr)))
+            setattr(holder, attr, restore_target(wrapper))
+        if delta.soft is not None:
+            soft_name = f"lmfuse_soft_prompt_{delta.name}"
+            undo.removed.append((soft_name, model._modules[soft_name]))
+            delattr(model, soft_name)
+        delta.attached = False
+        del get_deltas(model)[name]
+    # hooks go last: a removed hook cannot be put back
+    for h in delta._hooks:
+        h.remove()
+    delta._hooks = []
     return delta
 
 
@@ -240,13 +272,17 @@ def reattach(model: nn.Module, delta: Delta) -> Delta:
         if get_logical(model, path) is not original:
             raise ValueError(f"{path} is not the module delta {delta.name!r} was detached from; "
                              f"use save/load to move a delta to another model")
-    for path, wrapper in delta.wrappers.items():
-        refresh_lora_base(wrapper)
-        _insert(model, path, wrapper, delta.kind)
-    if delta.soft is not None:
-        _attach_soft(model, delta)
-    delta.attached = True
-    get_deltas(model)[delta.name] = delta
+    if delta.kind in LORA_FAMILY:
+        _check_lora_free(model, delta.paths)
+    with Rollback(model, get_deltas(model)) as undo:
+        undo.keep(delta)
+        for path, wrapper in delta.wrappers.items():
+            refresh_lora_base(wrapper)
+            undo.slots.append(_insert(model, path, wrapper, delta.kind))
+        if delta.soft is not None:
+            _attach_soft(model, delta, undo)
+        delta.attached = True
+        get_deltas(model)[delta.name] = delta
     return delta
 
 
@@ -263,24 +299,38 @@ def merge(model: nn.Module, name: Optional[str] = None, unwrap: bool = False) ->
     """Fold LoRA / SoRA deltas (``name`` or all of them) into the base weights.
 
     ``unwrap=False`` keeps the wrappers (forward is then the base layer alone; :func:`unmerge` and
-    :func:`detach` restore the base weights bit for bit). ``unwrap=True`` also removes the wrappers,
-    so the model is the plain backbone again with merged weights (zero overhead, nothing to undo);
-    those deltas leave the model. Returns the merged deltas' names.
+    :func:`detach` restore the base weights bit for bit). ``unwrap=True`` also removes the LoRA-family
+    wrappers, so those layers are plain backbone layers again with merged weights (zero overhead,
+    nothing to undo) and those deltas leave the model. Deltas that cannot be folded into a weight
+    (adapters, BitFit, soft prompts) stay attached: the model is the plain backbone only when no
+    such delta is attached. Returns the merged deltas' names.
     """
     model = unwrap_model(model)
     done = []
-    for d in _lora_deltas(model, name):
-        for path, w in d.wrappers.items():
-            w.merge()
+    deltas = _lora_deltas(model, name)
+    slots = {}
+    if unwrap:  # find every wrapper before changing anything
+        slots = {(d.name, path): _chain_holder(model, path, w) for d in deltas for path, w in d.wrappers.items()}
+    with Rollback(model, get_deltas(model)) as undo:
+        for d in deltas:
+            undo.keep(d)
+            for path, w in d.wrappers.items():
+                if not w.merged:
+                    w.merge()
+                    undo.merged.append(w)
+                if unwrap:
+                    holder, attr = slots[(d.name, path)]
+                    undo.slots.append((holder, attr, getattr(holder, attr)))
+                    setattr(holder, attr, restore_target(w))
             if unwrap:
-                holder, attr = _chain_holder(model, path, w)
-                setattr(holder, attr, restore_target(w))
-                w.__dict__.pop("_unmerged_weight", None)  # the merged weights are now the backbone's
-        if unwrap:
-            d.attached = False
-            d.wrappers, d.originals = {}, {}
-            del get_deltas(model)[d.name]
-        done.append(d.name)
+                d.attached = False
+                d.wrappers, d.originals = {}, {}
+                del get_deltas(model)[d.name]
+            done.append(d.name)
+    if unwrap:  # the merged weights are now the backbone's: nothing to undo
+        for _, fields in undo.deltas:
+            for w in fields["wrappers"].values():
+                w.__dict__.pop("_unmerged_weight", None)
     return done
 
 
@@ -288,19 +338,26 @@ def unmerge(model: nn.Module, name: Optional[str] = None) -> list[str]:
     """Undo :func:`merge` (without ``unwrap``) exactly. Returns the names of the deltas unmerged."""
     model = unwrap_model(model)
     done = []
-    for d in _lora_deltas(model, name):
-        for w in d.wrappers.values():
-            w.unmerge()
-        done.append(d.name)
+    with Rollback(model, get_deltas(model)) as undo:
+        for d in _lora_deltas(model, name):
+            for w in d.wrappers.values():
+                if w.merged:
+                    w.unmerge()
+                    undo.unmerged.append(w)
+            done.append(d.name)
     return done
 
 
-def backbone_named_parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
-    """``(module_path, logical_param_name, param)`` of the backbone (delta parameters excluded)."""
+def backbone_named_parameters(model: nn.Module, remove_duplicate: bool = True
+                              ) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """``(module_path, logical_param_name, param)`` of the backbone (delta parameters excluded).
+
+    A parameter shared by several modules (tied input / output embeddings) comes once, under its
+    first name, unless ``remove_duplicate=False``, which yields it under every name."""
     seen = set()
     for path, module in iter_backbone_modules(unwrap_model(model)):
         for n, p in module.named_parameters(recurse=False):
-            if id(p) not in seen:  # tied weights once
+            if not remove_duplicate or id(p) not in seen:
                 seen.add(id(p))
                 yield path, f"{path}.{n}" if path else n, p
 
@@ -309,24 +366,28 @@ def freeze(model: nn.Module, extras: Iterable[str] = ()) -> dict[str, int]:
     """Freeze the backbone: only the attached deltas' parameters, plus the backbone parameters
     addressed by ``extras`` (plain names / ``"re:"`` patterns matched against parameter names,
     module paths and their ancestors, e.g. ``"lm_head"`` or ``"re:.*norm.*"``), require grad.
-    Returns ``{"trainable": n, "frozen": m}`` parameter counts."""
+    A parameter shared by several modules (tied embeddings: ``lm_head.weight`` is
+    ``model.embed_tokens.weight``) is addressed by any of its names, and then trains under all of
+    them. Returns ``{"trainable": n, "frozen": m}`` parameter counts. On error (``extras`` that
+    address nothing) no flag has changed."""
     model = unwrap_model(model)
     extras = (extras,) if isinstance(extras, str) else tuple(extras)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for d in get_deltas(model).values():
-        for p in d.parameters():
-            p.requires_grad_(True)
+    extras = _check_patterns(extras, "extras")
+    train = {id(p) for d in get_deltas(model).values() for p in d.parameters()}
     if extras:
-        hit = 0
-        for path, pname, p in backbone_named_parameters(model):
+        hit = set()
+        for path, pname, p in backbone_named_parameters(model, remove_duplicate=False):
             parts = path.split(".") if path else []
             ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
             if matches_any(pname, extras) or any(matches_any(a, extras) for a in ancestors):
-                p.requires_grad_(True)
-                hit += 1
-        if hit == 0:
-            raise ValueError(f"extras={list(extras)} address no backbone parameter")
+                hit.add(id(p))
+        if not hit:
+            names = [n for _, n, _ in backbone_named_parameters(model, remove_duplicate=False)]
+            raise ValueError(f"extras={list(extras)} address no backbone parameter "
+                             f"(parameter names look like {names[:3]} ... {names[-2:]})")
+        train |= hit
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "frozen": sum(p.numel() for p in model.parameters()) - trainable}
 

@@ -20,6 +20,22 @@ from torch import nn
 from ..ops import gated_lora_linear, lora_linear
 
 
+GATE_MARK = "_lmfuse_sora_gate"
+
+
+def mark_gate(param: torch.Tensor) -> torch.Tensor:
+    """Mark ``param`` as a SoRA gate, so :class:`lmfuse.sora.SparseGateOptimizer` recognises it
+    in a flat parameter list such as ``model.parameters()`` (:class:`LoRALinear` marks its own
+    gate, also after ``copy.deepcopy`` and pickling). Returns ``param``."""
+    setattr(param, GATE_MARK, True)
+    return param
+
+
+def is_gate(param: torch.Tensor) -> bool:
+    """Whether ``param`` carries the SoRA gate mark (see :func:`mark_gate`)."""
+    return getattr(param, GATE_MARK, False) is True
+
+
 class LoRALinear(nn.Module):
     """A frozen-or-not ``nn.Linear`` plus a (gated) low-rank update.
 
@@ -48,6 +64,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r must be a positive int, got {r!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not 0 < float(lora_alpha) < float("inf"):
+            raise ValueError(f"lora_alpha must be a finite number > 0 (scaling = lora_alpha / r), got {lora_alpha!r}")
         self.base = base
         self.r = r
         self.lora_alpha = float(lora_alpha)
@@ -57,9 +75,15 @@ class LoRALinear(nn.Module):
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
-        self.gate = nn.Parameter(torch.empty(r, **kw)) if gated else None
+        self.gate = mark_gate(nn.Parameter(torch.empty(r, **kw))) if gated else None
         self.merged = False
         self.reset_lora_parameters(generator)
+
+    def __setstate__(self, state) -> None:
+        # copy.deepcopy and pickle rebuild the Parameter objects without their attributes
+        super().__setstate__(state)
+        if self._parameters.get("gate") is not None:
+            mark_gate(self._parameters["gate"])
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -159,4 +183,4 @@ class LoRALinear(nn.Module):
                 f"scaling={self.scaling:g}, dropout={self.dropout_p:g}, merged={self.merged}")
 
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "mark_gate", "is_gate"]

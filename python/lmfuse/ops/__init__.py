@@ -24,6 +24,10 @@ from .spec_verify import reference as spec_verify_reference
 from .collab_logits import (DecodeStepResult, collab_decode_step, collab_decode_step_reference,
                             contrastive_logits, contrastive_logits_reference, proxy_logits,
                             proxy_logits_reference)
+from .linear_cross_entropy import cost as linear_cross_entropy_cost
+from .linear_cross_entropy import linear_cross_entropy, linear_log_probs
+from .linear_cross_entropy import log_probs_reference as linear_log_probs_reference
+from .linear_cross_entropy import reference as linear_cross_entropy_reference
 
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "available_backends", "use_backend",
@@ -34,4 +38,6 @@ __all__ = [
     "spec_verify", "SpecVerifyResult", "spec_verify_reference", "spec_verify_cost",
     "contrastive_logits", "contrastive_logits_reference", "proxy_logits", "proxy_logits_reference",
     "collab_decode_step", "collab_decode_step_reference", "DecodeStepResult",
+    "linear_cross_entropy", "linear_log_probs", "linear_cross_entropy_reference",
+    "linear_log_probs_reference", "linear_cross_entropy_cost",
 ]

@@ -4,7 +4,8 @@
 
 (SoRA's gated low-rank update; ``lora_linear`` is the same op with no gate).
 
-Backends: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1`` when forced) and ``reference``.
+Backends: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1`` when forced) and ``reference`` (on the
+CPU a fused PyTorch composition: one output buffer, ``addmm`` into it, scaling on ``alpha``).
 The Triton path is two launches per direction: the skinny ``h = x·Aᵀ`` (cuBLAS), then one
 kernel that is the base GEMM with the gated up-projection ``(h ⊙ gate·scaling)·Bᵀ`` and the bias
 added in its epilogue. The backward uses the same kernel for ``dx = dy·W + (dhg ⊙ gate)·A``; the
@@ -33,6 +34,8 @@ from ._common import (cost_for_mode, KERNEL_DTYPES, check_dim, check_same, check
 
 MAX_FUSED_RANK = 256
 PREFERENCE = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+# On the CPU the "reference" backend of the custom op is the fast composition (one addmm into the
+# base output, the scaling on alpha, rank-first products); :func:`reference` is the readable one.
 
 
 def reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -52,7 +55,7 @@ def cost(tokens: int, d_in: int, rank: int, d_out: int, dtype_bytes: int, mode: 
 
     fwd: base GEMM + ``h = x·Aᵀ`` + up-projection; reads x (twice: once for h), W, A, B, writes y, h.
     bwd: ``dx = dy·W + dh·A``, ``dhg = dy·B``, ``dA = dhᵀx``, ``dB = dyᵀ(h⊙g)``; reads dy (twice), x,
-    W, A, B, h; writes dx, dA, dB.  ``weight_grad`` adds ``dW = dyᵀx``.
+    W, A, B, h; writes dh (the ``[T, r]`` gradient of h, shared by dx and dA), dx, dA, dB.  ``weight_grad`` adds ``dW = dyᵀx``.
     """
     T, K, R, N, b = tokens, d_in, rank, d_out, dtype_bytes
     fwd = (2 * T * N * K + 2 * T * R * (K + N),
@@ -95,6 +98,9 @@ def _validate(x, weight, bias, lora_A, lora_B, gate, scaling, lora_input) -> Non
         check_dim("bias", bias.shape[0], d_out, "bias.shape[0] (d_out, weight.shape[0])")
     if isinstance(scaling, bool) or not isinstance(scaling, Real) or not math.isfinite(float(scaling)):
         raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    if scaling <= 0:
+        raise ValueError(f"scaling must be > 0 (LoRA's lora_alpha / r), got {scaling!r}; to switch the "
+                         f"update off use a zero gate or detach the adapter, to flip its sign negate lora_B")
 
 
 def _backend_for(x2d: Tensor, rank: int) -> str:
@@ -102,10 +108,6 @@ def _backend_for(x2d: Tensor, rank: int) -> str:
     if rank > MAX_FUSED_RANK:
         limits.setdefault("triton", f"rank {rank} > {MAX_FUSED_RANK}, the largest fused rank")
     return pick_backend("gated_lora_linear", x2d, PREFERENCE, limits)
-
-
-def _gated(h: Tensor, gate: Optional[Tensor], scaling: float) -> Tensor:
-    return h * (gate * scaling) if gate is not None else h * scaling
 
 
 @torch.library.custom_op("lmfuse::gated_lora_linear_fwd", mutates_args=())
@@ -121,9 +123,10 @@ def _fwd_op(x2d: Tensor, xl2d: Optional[Tensor], weight: Tensor, bias: Optional[
 
         y = tk.gemm_lora_epilogue(x2d, weight.t(), h, gate, scaling, lora_B.t(), bias)
     else:
-        y = x2d @ weight.t() + _gated(h, gate, scaling) @ lora_B.t()
-        if bias is not None:
-            y = y + bias
+        # One output buffer: the base GEMM writes it (bias folded in by addmm), the up-projection
+        # accumulates into it; scaling rides on addmm's alpha, so nothing [M, d_out] is temporary.
+        y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        y.addmm_(h if gate is None else h * gate, lora_B.t(), alpha=scaling)
     return y, (h if save_h else x2d.new_empty((0, R)))
 
 
@@ -144,7 +147,7 @@ def _bwd_op(dy: Tensor, x2d: Tensor, xl2d: Optional[Tensor], weight: Tensor, lor
     if need_bb or need_g:
         if h.shape[0] != M:  # forward did not keep h: recompute it
             h = xl @ lora_A.t()
-    dhg = (dy @ lora_B) * scaling  # gradient w.r.t. (h ⊙ gate): skinny, cuBLAS
+    dhg = torch.mm(dy, lora_B).mul_(scaling)  # gradient w.r.t. (h ⊙ gate): skinny [M, R]
     dh = dhg * gate if gate is not None else dhg
     backend = _backend_for(x2d, R) if M > 0 else "reference"
     dx, dxl = e(), e()
@@ -153,8 +156,8 @@ def _bwd_op(dy: Tensor, x2d: Tensor, xl2d: Optional[Tensor], weight: Tensor, lor
             from ..triton_kernels import gated_lora as tk
 
             dx = tk.gemm_lora_epilogue(dy, weight, dh, None, 1.0, lora_A, None)
-        else:
-            dx = dy @ weight + dh @ lora_A
+        else:  # dx = dy·W, then dh·A accumulated in place (no second [M, d_in] buffer)
+            dx = torch.mm(dy, weight).addmm_(dh, lora_A)
     else:
         if need_x:
             dx = dy @ weight
@@ -163,7 +166,8 @@ def _bwd_op(dy: Tensor, x2d: Tensor, xl2d: Optional[Tensor], weight: Tensor, lor
     dw = dy.t() @ x2d if need_w else e()
     db = dy.sum(0) if need_b else e()
     da = dh.t() @ xl if need_a else e()
-    dbb = (dy.t() @ _gated(h, gate, scaling)) if need_bb else e()
+    # dB = dyᵀ·(h ⊙ gate·scaling) = (dyᵀ·h) ⊙ (gate·scaling): the [d_out, R] product is scaled, not [M, R]
+    dbb = (dy.t() @ h).mul_(gate * scaling if gate is not None else scaling) if need_bb else e()
     dg = (dhg * h).sum(0) if (need_g and gate is not None) else e()
     return [dx, dxl, dw, db, da, dbb, dg]
 
@@ -213,7 +217,9 @@ def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
         bias: ``[d_out]`` or ``None``.
         lora_A: ``[r, d_in]``; lora_B: ``[d_out, r]``; gate: ``[r]`` or ``None`` (plain LoRA).
             Every tensor has ``x``'s dtype and device.
-        scaling: a real number (``lora_alpha / r``).
+        scaling: a finite real number ``> 0`` (``lora_alpha / r``). Zero or negative raises
+            ``ValueError``: LoRA's ``alpha / r`` is positive, and a non-positive value is almost
+            always a wrong argument; a sign flip belongs in ``lora_B``, switching off in the gate.
         lora_input: optional ``[..., d_in]`` fed to the LoRA term instead of ``x`` (e.g. ``x``
             after dropout, as PEFT applies it); the base term still reads ``x``.
 
@@ -223,8 +229,8 @@ def gated_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     """
     _validate(x, weight, bias, lora_A, lora_B, gate, scaling, lora_input)
     lead, d_out = x.shape[:-1], weight.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])
-    xl2d = None if lora_input is None else lora_input.reshape(-1, x.shape[-1])
+    x2d = x.reshape(lead.numel(), x.shape[-1])  # explicit M: d_in = 0 is valid (y = bias or 0)
+    xl2d = None if lora_input is None else lora_input.reshape(lead.numel(), x.shape[-1])
     # Dropping zero ranks is exact for y and dx; only the LoRA tensors' own gradients need them.
     lora_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (lora_A, lora_B, gate))

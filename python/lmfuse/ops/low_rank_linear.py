@@ -168,12 +168,21 @@ def low_rank_linear(x: Tensor, down_weight: Tensor, up_weight: Tensor, bias: Opt
         up_weight: ``[d_out, r]``.
         bias: ``[d_out]`` or ``None``.
 
+    Raises:
+        ValueError: rank 0 (``down_weight`` of shape ``[0, d_in]``), as every low-rank op does.
+        ``d_in = 0`` is valid: the result is ``bias`` (or zeros) broadcast to ``[..., d_out]``.
+
     Returns:
         ``[..., d_out]`` in ``x``'s dtype. Differentiable in every tensor argument; the
         ``[tokens, r]`` intermediate is rounded to ``x``'s dtype, as two ``nn.Linear`` would.
     """
     _validate(x, down_weight, up_weight, bias)
     lead = x.shape[:-1]
+    if x.shape[-1] == 0:
+        # d_in = 0: an empty sum, so y = bias (or zeros). The plain composition gives that and
+        # the right gradients (zero for up_weight, the sum of dy for bias, empty for x and down).
+        y = (x @ down_weight.t()) @ up_weight.t()
+        return y if bias is None else y + bias
     x2d = x.reshape(-1, x.shape[-1])
     save_h = torch.is_grad_enabled() and up_weight.requires_grad
     y, _ = torch.ops.lmfuse.low_rank_linear_fwd(x2d, down_weight, up_weight, bias, save_h)

@@ -65,6 +65,8 @@ def _validate(x, down_weights, up_weights, biases) -> None:
         check_dim(f"down_weights[{i}] ({n})", a.shape[1], x.shape[-1], "shape[1] (x's last dim)")
         if rank is None:
             rank = a.shape[0]
+            if rank < 1:
+                raise ValueError(f"rank must be at least 1, got down_weights[{i}] ({n}) of shape {tuple(a.shape)}")
         check_dim(f"down_weights[{i}] ({n})", a.shape[0], rank, "rank (all three ranks must be equal)")
         check_dim(f"up_weights[{i}] ({n})", b.shape[1], a.shape[0], "shape[1] (its rank)")
         if biases is not None and biases[i] is not None:
@@ -169,6 +171,11 @@ def lpa_qkv_projection(x: Tensor, down_weights: Sequence[Tensor], up_weights: Se
     _validate(x, down_weights, up_weights, biases)
     widths = tuple(int(b.shape[0]) for b in up_weights)
     lead = x.shape[:-1]
+    if x.shape[-1] == 0:  # d = 0: each projection is its bias (or zeros); see low_rank_linear
+        from .low_rank_linear import low_rank_linear
+
+        return tuple(low_rank_linear(x, a, b, None if biases is None else biases[i])
+                     for i, (a, b) in enumerate(zip(down_weights, up_weights)))
     x2d = x.reshape(-1, x.shape[-1])
     down_cat = torch.cat(list(down_weights), dim=0)
     up_cat = torch.cat(list(up_weights), dim=0)

@@ -111,7 +111,35 @@ def _check_read_positions(target: Tensor, draft: Optional[Tensor], n_acc: Tensor
         bad = (torch.isnan(logits).any(-1) | (logits == float("inf")).any(-1) | ~torch.isfinite(logits).any(-1)) & used
         if bool(bad.any()):
             b, i = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"spec_verify: {name}[{b}, {i}] holds NaN or +inf, or no finite logit at all")
+            raise ValueError(_bad_logit_message(name, logits, b, i))
+
+
+def _bad_logit_message(name: str, logits: Tensor, b: int, i: int) -> str:
+    """The error for position ``[b, i]`` of ``logits`` ``[B, P, V]``: the first NaN/+inf entry
+    as ``name[row, position, vocab index]`` and its value, or a row of only ``-inf``."""
+    row = logits[b, i]
+    bad = torch.isnan(row) | (row == float("inf"))
+    if bool(bad.any()):
+        v = int(bad.nonzero()[0, 0])
+        return (f"spec_verify: {name}[{b}, {i}, {v}] is {float(row[v])} (row {b}, position {i}, vocab index "
+                f"{v}): NaN or +inf logits cannot be verified, they must be finite or -inf")
+    return (f"spec_verify: {name}[{b}, {i}, :] has no finite logit (row {b}, position {i}: every entry is "
+            f"-inf), so it defines no distribution")
+
+
+def _first_bad_read(target: Tensor, draft: Optional[Tensor], n: Tensor, b: int) -> Optional[str]:
+    """The message for the first bad position of row ``b`` in reading order (position 0 first;
+    at one position the draft, then the target), draft positions limited to ``n[b]``."""
+    def is_bad(t: Tensor) -> bool:
+        return bool(torch.isnan(t).any() | (t == float("inf")).any() | ~torch.isfinite(t).any())
+
+    n_b = int(n[b])
+    for i in range(target.shape[1]):
+        if draft is not None and i < min(n_b, draft.shape[1]) and is_bad(draft[b, i]):
+            return _bad_logit_message("draft_logits", draft, b, i)
+        if is_bad(target[b, i]):
+            return _bad_logit_message("target_logits", target, b, i)
+    return None
 
 
 def _validate(draft_token_ids, draft_logits, target_logits, num_draft_tokens) -> Tensor:
@@ -214,8 +242,9 @@ def _spec_verify_op(draft_token_ids: Tensor, draft_logits: Optional[Tensor], tar
     # kernels mark a row whose used logits hold NaN/+inf or no finite value with num_accepted = -1
     if bool((n_acc < 0).any()):
         b = int((n_acc < 0).nonzero()[0, 0])
-        raise ValueError(f"spec_verify: row {b} of target_logits/draft_logits holds NaN or +inf, or a "
-                         f"position with no finite logit ({backend} backend)")
+        msg = _first_bad_read(target_logits, draft_logits, num_draft_tokens, b)
+        raise ValueError(msg or (f"spec_verify: row {b} of target_logits/draft_logits holds NaN or +inf, or a "
+                                 f"position with no finite logit ({backend} backend)"))
     return tokens, n_acc
 
 

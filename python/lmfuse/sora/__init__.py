@@ -7,8 +7,8 @@ layers by type, so it works whatever attached them (``lmfuse.delta`` or your own
 
 from ..modules.lora import LoRALinear
 from .export import export_peft, lora_modules, prune
-from .optim import (SparseGateOptimizer, gate_parameters, l1_penalty, sequential_threshold_,
-                    soft_threshold_, sparsity_stats)
+from .optim import (SparseGateOptimizer, gate_parameters, is_gate, l1_penalty, mark_gate,
+                    sequential_threshold_, soft_threshold_, sparsity_stats)
 from .schedule import SparsifyScheduler, xi_values
 
 
@@ -23,5 +23,5 @@ def __getattr__(name):  # the Trainer integration imports transformers: only whe
 __all__ = [
     "LoRALinear", "SparseGateOptimizer", "soft_threshold_", "sequential_threshold_", "l1_penalty",
     "gate_parameters", "sparsity_stats", "SparsifyScheduler", "xi_values", "SoRATrainer", "prune",
-    "export_peft", "lora_modules",
+    "export_peft", "lora_modules", "mark_gate", "is_gate",
 ]

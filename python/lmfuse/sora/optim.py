@@ -19,10 +19,12 @@ published numbers; the default is the true soft threshold.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Optional
 
 import torch
 from torch import nn
+
+from ..modules.lora import is_gate, mark_gate  # noqa: F401  (mark_gate is public here too)
 
 THRESHOLDS = ("soft", "sequential")
 XI_MODES = ("absolute", "lr_scaled")
@@ -59,13 +61,77 @@ def _check_xi(xi) -> None:
         raise ValueError(f"xi must be a non-negative number, got {xi!r}")
 
 
+def _shape(p) -> list:
+    return list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+
+
+def _gate_groups(params, module: Optional[nn.Module]) -> list[dict]:
+    """Parameter groups with a ``"gate"`` flag on each (see :class:`SparseGateOptimizer`)."""
+    if module is not None:
+        gates = [g for g in gate_parameters(module) if g.requires_grad]
+        if not gates:
+            raise ValueError(f"params: {type(module).__name__} has no trainable SoRA gate "
+                             f"(no gated LoRALinear layer with requires_grad gates)")
+        ids = {id(g) for g in gates}
+        others = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
+        return ([{"params": others, "gate": False}] if others else []) + [{"params": gates, "gate": True}]
+    if not any(isinstance(g, dict) for g in params):
+        groups = [{"params": list(params)}] if params else []  # a flat list of tensors: one group
+    else:
+        groups = []
+        for g in params:
+            if not isinstance(g, dict) or "params" not in g:
+                raise TypeError(f"params: mix of parameter groups and {type(g).__name__}; pass only "
+                                f"tensors or only dicts with a 'params' key")
+            ps = g["params"]
+            groups.append(dict(g, params=[ps] if isinstance(ps, torch.Tensor) else list(ps)))
+    for g in groups:
+        if "gate" in g and not isinstance(g["gate"], bool):
+            raise TypeError(f"params: a group's 'gate' must be True or False, got {g['gate']!r}")
+    unflagged = [g for g in groups if "gate" not in g]
+    any_marked = any(is_gate(p) for g in unflagged for p in g["params"])
+    out = []
+    for g in groups:
+        if "gate" in g:
+            out.append(g)
+        elif any_marked:
+            # split by identity: the marked gates get the proximal step, the rest plain AdamW
+            rest = {k: v for k, v in g.items() if k != "params"}
+            others = [p for p in g["params"] if not is_gate(p)]
+            gates = [p for p in g["params"] if is_gate(p)]
+            out += [dict(rest, params=ps, gate=flag) for ps, flag in ((others, False), (gates, True)) if ps]
+        else:
+            # no LoRALinear gate anywhere: the tensors are taken as hand-made gates, which are
+            # vectors; anything else is a model's weights passed by mistake
+            for p in g["params"]:
+                if not isinstance(p, torch.Tensor) or p.dim() != 1:
+                    raise ValueError(
+                        f"params: found no SoRA gate (gated LoRALinear) among the parameters, and a "
+                        f"tensor of shape {_shape(p)} is not a gate vector [r]. Pass the model itself "
+                        f"(SparseGateOptimizer(model, ...)), or parameter groups flagged "
+                        f"{{'params': ..., 'gate': False}} for parameters that only need AdamW and "
+                        f"{{'params': ..., 'gate': True}} for tensors to threshold")
+            out.append(dict(g, gate=True))
+    return out
+
+
 class SparseGateOptimizer(torch.optim.AdamW):
     """AdamW whose gate parameter groups get a proximal L1 step after every update.
 
+    Only SoRA gates are thresholded. Which parameters are gates:
+
+    * ``params`` is a model (``nn.Module``): the gates of its gated
+      :class:`~lmfuse.modules.LoRALinear` layers, found by identity (this includes the SoRA
+      deltas of :mod:`lmfuse.delta`); every other trainable parameter gets plain AdamW.
+    * ``params`` is an iterable of tensors or parameter groups, e.g. ``model.parameters()``: a
+      group with ``"gate": True`` / ``False`` is thresholded / plain AdamW as flagged. In groups
+      without the flag, LoRALinear gates (recognised by a mark they carry, see
+      :func:`mark_gate`) are thresholded and all other tensors get plain AdamW. Without any
+      LoRALinear gate among the unflagged tensors, they are taken as hand-made gates, which must
+      then be vectors (a ``ValueError`` otherwise, so a model's weights are never shrunk).
+
     Args:
-        params: the gate tensors (every one is treated as a gate), or parameter groups; a
-            group with ``"gate": False`` is optimised by plain AdamW (so one optimizer can hold
-            a model's LoRA matrices and its gates, as :class:`lmfuse.sora.SoRATrainer` does).
+        params: a model, or tensors / parameter groups (see above).
         lr, betas, eps, weight_decay: as for :class:`torch.optim.AdamW` (``weight_decay``
             defaults to 0: the gates are regularised by the L1 step, not by decay).
         xi: the threshold ξ (per group, key ``"xi"``; a scheduler may change it).
@@ -75,7 +141,7 @@ class SparseGateOptimizer(torch.optim.AdamW):
             original code's three masks, which zero ``|g| < 2ξ``).
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, xi: float = 1e-4, xi_mode: str = "absolute",
                  threshold: str = "soft") -> None:
         _check_xi(xi)
@@ -83,12 +149,12 @@ class SparseGateOptimizer(torch.optim.AdamW):
             raise ValueError(f"xi_mode must be one of {XI_MODES}, got {xi_mode!r}")
         if threshold not in THRESHOLDS:
             raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-        params = list(params)
-        if params and not isinstance(params[0], dict):
-            params = [{"params": params}]
-        for g in params:
-            g.setdefault("gate", True)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params: expected a model or an iterable of tensors / parameter groups, "
+                            "got a single tensor (wrap it in a list)")
+        module = params if isinstance(params, nn.Module) else None
+        groups = _gate_groups(() if module is not None else list(params), module)
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         for g in self.param_groups:
             g.setdefault("xi", xi)
             g.setdefault("xi_mode", xi_mode)
