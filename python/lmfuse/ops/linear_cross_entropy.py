@@ -279,7 +279,6 @@ _CHUNKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNKED_DEFAULT_DTYPES = (torch.bfloat16,)
 
 
-@torch.compiler.assume_constant_result
 def _chunked_mode() -> str:
     """'on' / 'off' from ``LMFUSE_LCE_CHUNKED`` (1 / 0), else 'auto' when no backend is forced and
     'off' when one is (so ``LMFUSE_BACKEND=cpp`` / ``reference`` test those backends)."""
