@@ -46,7 +46,7 @@ $(VENV)/.deps: requirements-dev.txt
 
 env: $(VENV)/.deps
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h csrc/kernels/*.cuh csrc/cpu/*.cpp)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h csrc/kernels/*.cuh csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -42,6 +42,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/vec8.h"
 
 namespace lmfuse {
@@ -485,16 +486,6 @@ void backward_impl(const T* h, const T* w, const int64_t N, const int64_t H, con
   }
 }
 
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dt, Fn&& fn) {
-  switch (dt) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    default: TORCH_CHECK(false, "linear_cross_entropy: unsupported dtype ", dt);
-  }
-}
-
 template <typename T>
 const T* cptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
 template <typename T>
@@ -538,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forwa
   P.want_sz = want_sum_z;
   P.want_pz = want_sum_pz;
   P.want_arg = want_argmax;
-  dispatch_dtype(hidden.scalar_type(), [&](auto tag) {
+  dispatch_dtype(hidden.scalar_type(), "linear_cross_entropy", [&](auto tag) {
     using T = decltype(tag);
     forward_impl<T>(cptr<T>(hidden), cptr<T>(weight), target.data_ptr<int64_t>(), N, H, P,
                     mptr<float>(lse), mptr<float>(zt), want_sum_z ? mptr<float>(sum_z) : nullptr,
@@ -580,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
   P.cc = c.data_ptr<float>();
   P.cd = d.data_ptr<float>();
   P.target = target.data_ptr<int64_t>();
-  dispatch_dtype(hidden.scalar_type(), [&](auto tag) {
+  dispatch_dtype(hidden.scalar_type(), "linear_cross_entropy", [&](auto tag) {
     using T = decltype(tag);
     backward_impl<T>(cptr<T>(hidden), cptr<T>(weight), N, H, P, need_hidden ? mptr<T>(dh) : nullptr,
                      need_weight ? mptr<T>(dw) : nullptr, need_bias ? mptr<T>(db) : nullptr);

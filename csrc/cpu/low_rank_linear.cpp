@@ -27,6 +27,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/dtype_dispatch.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -255,17 +257,6 @@ const T* ptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr
 template <typename T>
 T* mut_ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
-// Maps a validated dtype to the element type used by the kernels.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dt, Fn&& fn) {
-  switch (dt) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    default: TORCH_CHECK(false, "low_rank_linear: unsupported dtype ", dt);
-  }
-}
-
 }  // namespace
 
 bool has_openmp() {
@@ -287,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor> low_rank_linear_fwd_cpu(const at::Tensor& x,
   // Without write_h, h is [0, R]: empty but still 2-D, as the op layer's fake function expects.
   at::Tensor h = at::empty({write_h ? M : 0, R}, x.options());
   const bool has_bias = bias.has_value() && bias->defined();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch_dtype(x.scalar_type(), "low_rank_linear", [&](auto tag) {
     using T = decltype(tag);
     // down [R, K] read as B1(k, r) = down[r, k]; up [N, R] read as B2(r, n) = up[n, r].
     chain<T>(ptr<T>(x), M, K, R, N, ptr<T>(down), K, ptr<T>(up), R, /*col_major=*/true,
@@ -303,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> low_rank_linear_bwd_dx_cpu(const at::Tensor& 
   const int64_t M = dy.size(0), N = dy.size(1), R = down.size(0), K = down.size(1);
   at::Tensor dx = at::empty({M, K}, dy.options());
   at::Tensor dh = at::empty({M, R}, dy.options());
-  dispatch_dtype(dy.scalar_type(), [&](auto tag) {
+  dispatch_dtype(dy.scalar_type(), "low_rank_linear", [&](auto tag) {
     using T = decltype(tag);
     // up [N, R] read as B1(n, r) = up[n, r]; down [R, K] read as B2(r, k) = down[r, k].
     chain<T>(ptr<T>(dy), M, N, R, K, ptr<T>(up), R, ptr<T>(down), K, /*col_major=*/false,
