@@ -27,7 +27,7 @@ Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
 
 # Modules that register more subcommands with @command when imported (stdlib-only top level).
-COMMAND_MODULES: tuple[str, ...] = ("lmfuse.cli_generate",)
+COMMAND_MODULES: tuple[str, ...] = ("lmfuse.cli_generate", "lmfuse.cli_eval", "lmfuse.cli_fuse", "lmfuse.cli_proteus")
 
 
 def command(name: str, help: str):
@@ -233,7 +233,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: every registered subcommand, the COMMAND_MODULES ones included."""
     for module in COMMAND_MODULES:
-        importlib.import_module(module)
+        if importlib.util.find_spec(module) is not None:  # a layer's command module may be absent
+            importlib.import_module(module)
     parser = argparse.ArgumentParser(prog="lmfuse", description="lmfuse: fused kernels for language models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, setup) in _COMMANDS.items():
