@@ -34,6 +34,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> collab_de
 // sampling_threshold.cpp
 at::Tensor filter_thresholds_cpu(const at::Tensor& logits, double inv_t, double top_p);
 // linear_cross_entropy.cpp
+at::Tensor lce_chunk_grad_cpu(at::Tensor& u, const at::Tensor& target, const at::Tensor& tw, int64_t ignore_index,
+                              double logit_scale, double softcap, double label_smoothing, double z_loss_scale,
+                              bool want_grad);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_stats_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t vocab_size, int64_t ignore_index, double logit_scale, double softcap,
@@ -175,6 +178,36 @@ void check_lce_common(const char* fn, const at::Tensor& hidden, const at::Tensor
               ": 'softcap' must be finite and > 0 (0 for none), got ", softcap);
 }
 
+at::Tensor lce_chunk_grad_(at::Tensor u, const at::Tensor& target, const at::Tensor& tw, int64_t ignore_index,
+                           double logit_scale, double softcap, double label_smoothing, double z_loss_scale,
+                           bool want_grad) {
+  const char* fn = "lce_chunk_grad_";
+  const auto dt = u.scalar_type();
+  TORCH_CHECK(u.device().is_cpu() && u.dim() == 2 && u.size(1) >= 1 && u.stride(1) == 1 && u.stride(0) >= u.size(1),
+              fn, ": 'u' must be a CPU [rows, V'] tensor with V' >= 1 and unit stride along V', got ", u.sizes(),
+              " strides ", u.strides(), " on ", u.device());
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, fn,
+              ": 'u' must be float32/bfloat16/float16, got ", dt);
+  const int64_t rows = u.size(0);
+  TORCH_CHECK(target.device().is_cpu() && target.is_contiguous() && target.scalar_type() == at::kLong &&
+                  target.dim() == 1 && target.size(0) == rows,
+              fn, ": 'target' must be a contiguous CPU int64 [rows] = [", rows, "] tensor, got ", target.scalar_type(),
+              " ", target.sizes());
+  TORCH_CHECK(tw.device().is_cpu() && tw.is_contiguous() && tw.scalar_type() == at::kFloat && tw.dim() == 1 &&
+                  tw.size(0) == rows,
+              fn, ": 'tw' must be a contiguous CPU float32 [rows] = [", rows, "] tensor, got ", tw.scalar_type(), " ",
+              tw.sizes());
+  TORCH_CHECK(std::isfinite(logit_scale), fn, ": 'logit_scale' must be finite, got ", logit_scale);
+  TORCH_CHECK(softcap == 0.0 || (std::isfinite(softcap) && softcap > 0), fn,
+              ": 'softcap' must be finite and > 0 (0 for none), got ", softcap);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, fn, ": 'label_smoothing' must be in [0, 1], got ",
+              label_smoothing);
+  TORCH_CHECK(z_loss_scale >= 0 && std::isfinite(z_loss_scale), fn, ": 'z_loss_scale' must be finite and >= 0, got ",
+              z_loss_scale);
+  return lmfuse::cpu::lce_chunk_grad_cpu(u, target, tw, ignore_index, logit_scale, softcap, label_smoothing,
+                                         z_loss_scale, want_grad);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_stats(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t vocab_size, int64_t ignore_index, double logit_scale, double softcap,
@@ -225,6 +258,11 @@ PYBIND11_MODULE(_C, m) {
         "One collaborative decoding step (see lmfuse.ops.collab_decode_step). Returns (tokens [B] int64, "
         "entropy, top1, margin [B] float32, differs [B] bool); token -1 marks a row with NaN/+inf inputs or "
         "no finite combined logit.");
+  m.def("lce_chunk_grad_", &lce_chunk_grad_, py::arg("u"), py::arg("target"), py::arg("tw"), py::arg("ignore_index"),
+        py::arg("logit_scale"), py::arg("softcap"), py::arg("label_smoothing"), py::arg("z_loss_scale"),
+        py::arg("want_grad"),
+        "Per-token cross entropy of the raw logits chunk u [rows, V'] (z = softcap(logit_scale*u)) -> float32 "
+        "[rows]; with want_grad, u is overwritten in place by d(sum tw*loss)/du in u's dtype.");
   m.def("lce_forward_stats", &lce_forward_stats, py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("target"), py::arg("vocab_size"), py::arg("ignore_index"), py::arg("logit_scale"),
         py::arg("softcap"), py::arg("want_sum_z"), py::arg("want_sum_pz"), py::arg("want_argmax"),

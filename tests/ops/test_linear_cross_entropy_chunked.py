@@ -31,11 +31,19 @@ OPTIONS = [
 ]
 
 
-@pytest.fixture
-def chunked(monkeypatch):
-    """Force the path, with a workspace of a few rows so that N = 37 spans several chunks."""
+@pytest.fixture(params=["kernel", "torch"])
+def chunked(request, monkeypatch):
+    """Force the path, with a workspace of a few rows so that N = 37 spans several chunks; once
+    with the chunk's softmax gradient in the C++ kernel (``lce_chunk_grad_``, the CPU default) and
+    once in PyTorch (the path elsewhere)."""
     monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
-    monkeypatch.setattr(_lce_chunked, "WORKSPACE_BYTES", 4 * 1024 * 6)  # 6 rows at V' ≈ 1000 in float32
+    if request.param == "torch":
+        monkeypatch.setattr(_lce_chunked, "fused_cpu", lambda h2: False)
+        monkeypatch.setattr(_lce_chunked, "WORKSPACE_BYTES", 4 * 1024 * 6)  # 6 rows at V' ≈ 1000 in float32
+    else:
+        assert _lce_chunked.fused_cpu(torch.empty(1, 1))
+        monkeypatch.setattr(_lce_chunked, "WORKSPACE_BYTES", 2 * 1024 * 6)  # 3 rows at V' ≈ 1000 in float32
+    return request.param
 
 
 def _data(seed, bias=False, weights=False, vocab_size=V, ignore_every=5):
@@ -62,8 +70,26 @@ def _run(fn, h, w, b, t, tw, up, **kw):
     return loss.detach(), grads
 
 
+def _rows(dtype):
+    return _lce_chunked.chunk_rows(N, V, dtype, False, _lce_chunked.fused_cpu(torch.empty(1, 1, dtype=dtype)))
+
+
 def _n_chunks():
-    return -(-N // _lce_chunked.chunk_rows(N, V, torch.float32, False))
+    return -(-N // _rows(torch.float32))
+
+
+def _count_weight_updates(monkeypatch, run_real=True):
+    """Patch the per-chunk gradient GEMMs; the list counts the calls that update the weight gradient."""
+    calls = []
+    real = _lce_chunked._gradient_gemms
+
+    def spy(g, hc, wv, dh, dw, db32):
+        if dw is not None:
+            calls.append(1)
+        if run_real:
+            real(g, hc, wv, dh, dw, db32)
+    monkeypatch.setattr(_lce_chunked, "_gradient_gemms", spy)
+    return calls
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -153,8 +179,7 @@ def test_low_precision_within_eager_error(chunked, dtype, bias):
 
     (Eager here casts its logits to float32 for the softmax, as mixed-precision training does; the
     weight gradient of the path is rounded once per chunk, over a dozen chunks here.)"""
-    rows = _lce_chunked.chunk_rows(N, V, dtype, False)
-    assert -(-N // rows) >= 5
+    assert -(-N // _rows(dtype)) >= 5
     h, w, b, t, _, up = _data(5, bias)
     ref_loss, ref_grads = _run(reference, *_leaves((h, w, b), torch.float64), t, None, up, label_smoothing=0.1)
     loss, grads = _run(linear_cross_entropy, *_leaves((h, w, b), dtype), t, None, up, label_smoothing=0.1)
@@ -167,9 +192,7 @@ def test_low_precision_within_eager_error(chunked, dtype, bias):
 
 
 def test_frozen_weight_does_no_weight_work(chunked, monkeypatch):
-    calls = []
-    real = _lce_chunked._dweight_update
-    monkeypatch.setattr(_lce_chunked, "_dweight_update", lambda *a: (calls.append(1), real(*a))[1])
+    calls = _count_weight_updates(monkeypatch)
     h, w, _, t, _, up = _data(6)
     hh = h.float().requires_grad_()
     loss = linear_cross_entropy(hh, w.float(), t)
@@ -185,8 +208,7 @@ def test_frozen_weight_does_no_weight_work(chunked, monkeypatch):
 
 
 def test_no_grad_does_no_gradient_work(chunked, monkeypatch):
-    calls = []
-    monkeypatch.setattr(_lce_chunked, "_dweight_update", lambda *a: calls.append(1))
+    calls = _count_weight_updates(monkeypatch, run_real=False)
     h, w, b, t, _, _ = _data(7, True)
     hh, ww, bb = _leaves((h, w, b), torch.float32)
     with torch.no_grad():
@@ -236,3 +258,87 @@ def test_compile_fullgraph_matches_eager(chunked, monkeypatch):
     torch.testing.assert_close(la, lc)
     for x, y in zip(a, c):
         torch.testing.assert_close(x.grad, y.grad)
+
+
+# ------------------------------------------------------------------ the C++ chunk kernel alone
+_HALF_ULP = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _chunk_kernel_expected(u64, t, tw, scale, cap, eps, lam, ignore):
+    """Per-token loss and G = ∂(tw·ℓ)/∂u in float64, written out from the definitions."""
+    Vp = u64.shape[1]
+    y = scale * u64
+    z = cap * torch.tanh(y / cap) if cap else y
+    lse = torch.logsumexp(z, 1)
+    valid = t != ignore
+    inr = (t >= 0) & (t < Vp)
+    zt = torch.where(inr, z.gather(1, t.clamp(0, Vp - 1)[:, None]).squeeze(1), torch.zeros_like(lse))
+    li = lse - (1 - eps) * zt - eps / Vp * z.sum(1) + lam * lse * lse
+    li = torch.where(valid & ~inr, torch.full_like(li, float("nan")), li)
+    li = torch.where(valid, li, torch.zeros_like(li))
+    onehot = torch.zeros_like(z)
+    onehot[inr.nonzero().squeeze(1), t[inr]] = 1.0
+    dz = tw[:, None] * ((1 + 2 * lam * lse)[:, None] * torch.exp(z - lse[:, None]) - eps / Vp - (1 - eps) * onehot)
+    du = dz * scale * ((1 - torch.tanh(y / cap) ** 2) if cap else 1.0)
+    return li, du
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale,cap,eps,lam", [(1.0, 0.0, 0.0, 0.0), (0.7, 3.0, 0.1, 1e-3), (-1.3, 0.0, 0.2, 0.0)])
+def test_chunk_kernel_matches_float64_definition(dtype, scale, cap, eps, lam):
+    """``lmfuse._C.lce_chunk_grad_`` on a strided block whose width is no multiple of 8: the loss
+    per token to float32 accuracy, and G within half an ulp of the dtype (+ float32 error) of the
+    float64 value; ignored rows give 0 and G = 0; a valid out-of-range target gives NaN and no
+    one-hot term; the result does not depend on the thread count."""
+    from lmfuse import _backend
+    ext = _backend.cpu_extension()
+    R, Vp = 13, 1003
+    g = torch.Generator().manual_seed(11)
+    wide = (torch.randn(R, Vp + 5, generator=g, dtype=torch.float64) * 3).to(dtype)
+    u = wide[:, :Vp]  # row stride Vp + 5
+    t = torch.randint(0, Vp, (R,), generator=g)
+    t[2] = IGN
+    t[5] = Vp + 7          # out of range on a valid row
+    tw = torch.rand(R, generator=g) + 0.1
+    tw[2] = 0.0            # the caller zeroes ignored rows' weights
+    li_ref, du_ref = _chunk_kernel_expected(u.double(), t, tw.double(), scale, cap, eps, lam, IGN)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            w2 = wide.clone()
+            li = ext.lce_chunk_grad_(w2[:, :Vp], t, tw, IGN, scale, cap, eps, lam, True)
+            outs.append((li, w2))
+    finally:
+        torch.set_num_threads(threads)
+    (li, w2), (li2, w2b) = outs
+    assert torch.equal(w2, w2b) and torch.equal(li.nan_to_num(1.5), li2.nan_to_num(1.5))
+    assert torch.equal(w2[:, Vp:], wide[:, Vp:])  # nothing written past V'
+    assert torch.isnan(li[5]) and float(li[2]) == 0.0
+    ok = torch.ones(R, dtype=torch.bool)
+    ok[5] = False
+    assert torch.allclose(li[ok].double(), li_ref[ok], rtol=2e-6, atol=2e-6)
+    G = w2[:, :Vp].double()
+    assert not G[2].any()
+    bound = du_ref.abs() * _HALF_ULP[dtype] * 1.01 + 1e-6 * du_ref.abs().amax(1, keepdim=True) + 1e-12
+    err = (G - du_ref).abs()
+    assert (err <= bound).all(), float((err / bound).max())
+    # without want_grad: the same losses, u untouched
+    w3 = wide.clone()
+    li3 = ext.lce_chunk_grad_(w3[:, :Vp], t, tw, IGN, scale, cap, eps, lam, False)
+    assert torch.equal(w3, wide) and torch.equal(li3.nan_to_num(1.5), li.nan_to_num(1.5))
+
+
+def test_chunk_kernel_rejects_bad_arguments():
+    from lmfuse import _backend
+    ext = _backend.cpu_extension()
+    u, t, tw = torch.randn(4, 10), torch.zeros(4, dtype=torch.long), torch.ones(4)
+    with pytest.raises(RuntimeError, match="'u' must be"):
+        ext.lce_chunk_grad_(u.t(), t, tw, IGN, 1.0, 0.0, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="'target' must be"):
+        ext.lce_chunk_grad_(u, t[:3], tw, IGN, 1.0, 0.0, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="'tw' must be"):
+        ext.lce_chunk_grad_(u, t, tw.double(), IGN, 1.0, 0.0, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="'softcap'"):
+        ext.lce_chunk_grad_(u, t, tw, IGN, 1.0, -1.0, 0.0, 0.0, True)

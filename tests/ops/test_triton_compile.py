@@ -43,4 +43,4 @@ def test_every_config_compiles_and_fits(aot_records):
                                   f"{r['shared']} B shared > {SHARED_LIMIT[r['arch']]}" for r in too_big)
     kernels = {r["kernel"] for r in aot_records}
     assert {"_low_rank_linear_fwd_kernel", "_low_rank_linear_bwd_kernel",
-            "_lpa_qkv_up_fwd_kernel", "_lpa_qkv_bwd_kernel"} <= kernels
+            "_lpa_qkv_up_fwd_kernel", "_lpa_qkv_bwd_kernel", "_discounted_cumsum_fwd_kernel"} <= kernels

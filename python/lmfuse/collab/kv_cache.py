@@ -123,10 +123,13 @@ class DecodeState:
             if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
                 raise NotImplementedError(
                     f"compaction supports full-attention DynamicLayer caches, got {type(layer).__name__}")
-            k, v = layer.keys, layer.values
+            # slots in front of the batch's own (a prefix-tuning delta's keys/values) stay first
+            head = layer.keys.shape[2] - T
+            k, v = layer.keys[:, :, head:], layer.values[:, :, head:]
             g = idx[:, None, :, None].expand(k.shape[0], k.shape[1], L, k.shape[3])
-            layer.keys = k.gather(2, g)
-            layer.values = v.gather(2, idx[:, None, :, None].expand(v.shape[0], v.shape[1], L, v.shape[3]))
+            layer.keys = torch.cat([layer.keys[:, :, :head], k.gather(2, g)], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :head],
+                                      v.gather(2, idx[:, None, :, None].expand(v.shape[0], v.shape[1], L, v.shape[3]))], dim=2)
         self.valid = self.valid.gather(1, idx)
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ See ``docs/delta.md``.
 """
 
 from .addressing import DEFAULT_TARGETS, default_targets, name_matches, resolve_targets
-from .deltas import (AdapterConfig, BitFitConfig, DeltaConfig, LoRAConfig, ParallelAdapterConfig,
-                     SoftPromptConfig, SoRAConfig)
+from .deltas import (AdapterConfig, BitFitConfig, CompacterConfig, DeltaConfig, LoRAConfig,
+                     LowRankAdapterConfig, ParallelAdapterConfig, PrefixConfig, SoftPromptConfig, SoRAConfig)
 from .io import BackboneMismatchError, backbone_identity, load, save
 from .model import (Delta, attach, delta_parameters, detach, freeze, get_deltas, merge, reattach,
                     unmerge)
@@ -26,7 +26,7 @@ from .summary import parameter_counts, summary
 __all__ = [
     "DEFAULT_TARGETS", "default_targets", "name_matches", "resolve_targets",
     "DeltaConfig", "LoRAConfig", "SoRAConfig", "AdapterConfig", "ParallelAdapterConfig",
-    "BitFitConfig", "SoftPromptConfig",
+    "BitFitConfig", "SoftPromptConfig", "CompacterConfig", "LowRankAdapterConfig", "PrefixConfig",
     "Delta", "attach", "detach", "reattach", "merge", "unmerge", "freeze", "get_deltas",
     "delta_parameters", "save", "load", "BackboneMismatchError", "backbone_identity",
     "summary", "parameter_counts",

@@ -36,6 +36,8 @@ DEFAULT_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
         # after the FFN block, inside the residual (Pfeiffer placement; one adapter per layer)
         "adapter": ("mlp",),
         "parallel_adapter": ("mlp",),
+        "compacter": ("mlp",),
+        "low_rank_adapter": ("mlp",),
         "bitfit": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                    "input_layernorm", "post_attention_layernorm"),
     },
@@ -45,6 +47,8 @@ DEFAULT_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
         "sora": ("c_attn",),
         "adapter": ("mlp",),
         "parallel_adapter": ("mlp",),
+        "compacter": ("mlp",),
+        "low_rank_adapter": ("mlp",),
         "bitfit": ("c_attn", "c_proj", "c_fc", "ln_1", "ln_2"),
     },
     "bert": {
@@ -53,6 +57,8 @@ DEFAULT_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
         # Houlsby placement: after each sublayer's output projection, before its residual+LayerNorm
         "adapter": ("output.dense",),
         "parallel_adapter": ("output.dense",),
+        "compacter": ("output.dense",),
+        "low_rank_adapter": ("output.dense",),
         "bitfit": ("query", "key", "value", "dense", "LayerNorm"),
     },
 }

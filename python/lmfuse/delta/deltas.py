@@ -127,8 +127,106 @@ class SoftPromptConfig(DeltaConfig):
             raise ValueError(f"init must be 'vocab' or 'random', got {self.init!r}")
 
 
+def _positive_int(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+
+
+@dataclass
+class CompacterConfig(DeltaConfig):
+    """Compacter (Mahabadi et al. 2021): a sequential bottleneck adapter (placed like
+    :class:`AdapterConfig`) whose ``down`` / ``up`` projections are PHM layers,
+    ``W = Σ_{i<n} A_i ⊗ B_i`` (see :mod:`lmfuse.delta.compacter`). ``n`` (the division) must divide
+    the feature size; ``factorized`` makes ``B_i = s_i·t_iᵀ`` of rank ``rank``; ``rules="per_layer"``
+    gives each adapter its own ``A`` (used by its ``down`` and ``up``), ``"shared"`` one ``A`` for
+    every adapter of the delta. The bottleneck is ``bottleneck`` or ``dim / reduction_factor``
+    rounded up to a multiple of ``n``. ``up`` starts at zero (identity at attach)."""
+
+    kind: ClassVar[str] = "compacter"
+    reduction_factor: int = 16
+    n: int = 4
+    factorized: bool = True
+    rank: int = 1
+    rules: str = "per_layer"
+    rule_init_std: float = 0.01
+    nonlinearity: str = "gelu"
+    scale: float = 1.0
+    bottleneck: Optional[int] = None
+    dim: Optional[int] = None
+
+    def __post_init__(self):
+        for what in ("reduction_factor", "n", "rank"):
+            _positive_int(getattr(self, what), what)
+        if self.bottleneck is not None:
+            _positive_int(self.bottleneck, "bottleneck")
+            if self.bottleneck % self.n:
+                raise ValueError(f"bottleneck ({self.bottleneck}) must be a multiple of n={self.n}")
+        if self.rules not in ("per_layer", "shared"):
+            raise ValueError(f"rules must be 'per_layer' or 'shared', got {self.rules!r}")
+        if self.nonlinearity not in _ACTIVATIONS:
+            raise ValueError(f"nonlinearity must be one of {sorted(_ACTIVATIONS)}, got {self.nonlinearity!r}")
+
+    def bottleneck_for(self, dim: int) -> int:
+        if self.bottleneck is not None:
+            return self.bottleneck
+        return max(self.n, -(-dim // (self.reduction_factor * self.n)) * self.n)
+
+
+@dataclass
+class LowRankAdapterConfig(DeltaConfig):
+    """Low-rank adapter (OpenDelta's ``LowRankAdapter``): a sequential bottleneck adapter whose
+    ``down`` and ``up`` projections are each ``U·V`` of rank ``rank``. The bottleneck is
+    ``bottleneck`` or ``max(1, dim // reduction_factor)``. ``up``'s ``U`` starts at zero."""
+
+    kind: ClassVar[str] = "low_rank_adapter"
+    reduction_factor: int = 32
+    rank: int = 1
+    nonlinearity: str = "gelu"
+    scale: float = 1.0
+    bottleneck: Optional[int] = None
+    dim: Optional[int] = None
+
+    def __post_init__(self):
+        for what in ("reduction_factor", "rank"):
+            _positive_int(getattr(self, what), what)
+        if self.bottleneck is not None:
+            _positive_int(self.bottleneck, "bottleneck")
+        if self.nonlinearity not in _ACTIVATIONS:
+            raise ValueError(f"nonlinearity must be one of {sorted(_ACTIVATIONS)}, got {self.nonlinearity!r}")
+
+    def bottleneck_for(self, dim: int) -> int:
+        return self.bottleneck if self.bottleneck is not None else max(1, dim // self.reduction_factor)
+
+
+@dataclass
+class PrefixConfig(DeltaConfig):
+    """Prefix tuning (Li & Liang 2021): ``num_virtual_tokens`` trainable key and value vectors in
+    front of every attention layer's keys and values (see :mod:`lmfuse.delta.prefix`).
+    ``reparameterize=True`` produces them, while training, from a ``[P, model hidden]`` embedding
+    through ``Linear(hidden_size) → tanh → Linear`` (``merge`` folds that into plain tensors);
+    ``False`` trains them directly. ``init_std`` scales the initial embedding / prefix
+    (``N(0, init_std²)``). ``targets`` / ``exclude`` are unused: every attention layer gets one."""
+
+    kind: ClassVar[str] = "prefix"
+    num_virtual_tokens: int = 20
+    reparameterize: bool = True
+    hidden_size: int = 512
+    init_std: float = 1.0
+
+    def __post_init__(self):
+        _positive_int(self.num_virtual_tokens, "num_virtual_tokens")
+        _positive_int(self.hidden_size, "hidden_size")
+        if not isinstance(self.reparameterize, bool):
+            raise TypeError(f"reparameterize must be a bool, got {type(self.reparameterize).__name__}")
+        if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
+            raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
+
+
 CONFIG_TYPES: dict[str, type] = {c.kind: c for c in (LoRAConfig, SoRAConfig, AdapterConfig,
-                                                       ParallelAdapterConfig, BitFitConfig, SoftPromptConfig)}
+                                                       ParallelAdapterConfig, BitFitConfig, SoftPromptConfig,
+                                                       CompacterConfig, LowRankAdapterConfig, PrefixConfig)}
+ROOT_KINDS = ("soft_prompt", "prefix")  # deltas held by a root sub-module and hooks, not by wrappers
+STRUCTURED_ADAPTERS = ("compacter", "low_rank_adapter")
 LORA_FAMILY = ("lora", "sora")
 
 
@@ -216,11 +314,22 @@ class Bottleneck(nn.Module):
 
 
 class SequentialAdapter(nn.Module):
-    def __init__(self, base: nn.Module, dim: int, cfg: AdapterConfig, generator=None):
+    def __init__(self, base: nn.Module, dim: int, cfg: AdapterConfig, generator=None, context=None):
         super().__init__()
         self.base = base
         self.scale = float(cfg.scale)
-        self.adapter = Bottleneck(dim, dim, cfg.bottleneck, cfg.nonlinearity, generator, **_factory(base))
+        if cfg.kind in STRUCTURED_ADAPTERS:
+            from .compacter import StructuredBottleneck
+
+            shared = None
+            if cfg.kind == "compacter" and cfg.rules == "shared" and context is not None:
+                shared = context.get("rules")
+            self.adapter = StructuredBottleneck(cfg.kind, dim, cfg.bottleneck_for(dim), _ACTIVATIONS[cfg.nonlinearity](),
+                                                cfg, shared, generator, **_factory(base))
+            if cfg.kind == "compacter" and cfg.rules == "shared" and context is not None and shared is None:
+                context["rules"] = self.adapter.rules  # the first adapter owns the delta's rules
+        else:
+            self.adapter = Bottleneck(dim, dim, cfg.bottleneck, cfg.nonlinearity, generator, **_factory(base))
 
     def forward(self, *args, **kwargs):
         h, rest = _split_output(self.base(*args, **kwargs))
@@ -296,8 +405,10 @@ def refresh_lora_base(wrapper: nn.Module) -> None:
         wrapper.base.bias = conv.bias
 
 
-def build_wrapper(module: nn.Module, cfg: DeltaConfig, hidden_size: Optional[int], generator=None) -> nn.Module:
-    """The wrapper of ``cfg.kind`` around backbone ``module``."""
+def build_wrapper(module: nn.Module, cfg: DeltaConfig, hidden_size: Optional[int], generator=None,
+                  context: Optional[dict] = None) -> nn.Module:
+    """The wrapper of ``cfg.kind`` around backbone ``module`` (``context``: a dict shared by the
+    wrappers of one attach, for parameters several wrappers share)."""
     if cfg.kind in LORA_FAMILY:
         return build_lora(module, cfg, generator=generator)
     fallback = getattr(cfg, "dim", None) or hidden_size
@@ -306,8 +417,8 @@ def build_wrapper(module: nn.Module, cfg: DeltaConfig, hidden_size: Optional[int
         return BiasDelta(module, d_out)
     if d_in is None or d_out is None:
         raise ValueError(f"cannot infer the feature size of {type(module).__name__}; pass dim= in the config")
-    if cfg.kind == "adapter":
-        return SequentialAdapter(module, d_out, cfg, generator)
+    if cfg.kind == "adapter" or cfg.kind in STRUCTURED_ADAPTERS:
+        return SequentialAdapter(module, d_out, cfg, generator, context)
     if cfg.kind == "parallel_adapter":
         return ParallelAdapter(module, d_in, d_out, cfg, generator)
     raise ValueError(f"delta kind {cfg.kind!r} is not a module wrapper")

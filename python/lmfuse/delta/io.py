@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .addressing import get_logical, iter_backbone_modules
-from .deltas import LORA_FAMILY, config_from_dict
+from .deltas import LORA_FAMILY, ROOT_KINDS, config_from_dict
 from .model import Delta, attach, detach, get_deltas, unwrap_model
 
 FORMAT = "lmfuse-delta"
@@ -228,7 +228,7 @@ def load(model: nn.Module, directory: str, names: Optional[Iterable[str]] = None
     try:
         for e in entries:
             cfg = config_from_dict(e["kind"], e["config"])
-            paths = None if e["kind"] == "soft_prompt" else e["paths"]
+            paths = None if e["kind"] in ROOT_KINDS else e["paths"]
             d = attach(model, cfg, e["name"], _paths=paths, _per_module=e.get("modules") or None)
             out.append(d)
             prefix = e["name"] + "/"

@@ -4,6 +4,7 @@ module (``model._lmfuse_deltas``, name → :class:`Delta`), so every function he
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterable, Iterator, Optional
 
@@ -12,8 +13,10 @@ from torch import nn
 
 from .addressing import (_check_patterns, default_targets, get_logical, get_slot, innermost,
                          is_delta_wrapper, iter_backbone_modules, matches_any, resolve_targets)
-from .deltas import (LORA_FAMILY, DeltaConfig, SoftPromptConfig, accepts_bias, accepts_lora,
+from .deltas import (LORA_FAMILY, DeltaConfig, PrefixConfig, SoftPromptConfig, accepts_bias, accepts_lora,
                      build_lora, build_wrapper, refresh_lora_base, restore_target)
+from .prefix import Prefix, attention_geometry, make_pre_hook
+from .prefix import post_hook as prefix_post_hook
 from .rollback import Rollback
 from .soft_prompt import SoftPrompt, make_hooks
 
@@ -24,7 +27,7 @@ _ACCEPT = {"lora": accepts_lora, "sora": accepts_lora, "bitfit": accepts_bias}
 class Delta:
     """A delta attached to (or detached from) a model: its config, the logical paths it wraps, its
     wrapper modules (which hold its parameters, also while detached) and, for a soft prompt, the
-    prompt module and hooks."""
+    prompt or prefix module (``soft``, a root sub-module) and hooks."""
 
     def __init__(self, name: str, config: DeltaConfig):
         self.name, self.config, self.kind = name, config, config.kind
@@ -40,12 +43,15 @@ class Delta:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The delta's own parameters, named ``<logical path>.<param>`` (``soft_prompt.prompt``)."""
+        seen = set()  # a parameter shared by several wrappers (Compacter's shared rules) comes once
         for path, w in self.wrappers.items():
             for n, p in w.named_parameters():
-                if not n.startswith("base."):
+                if not n.startswith("base.") and id(p) not in seen:
+                    seen.add(id(p))
                     yield f"{path}.{n}", p
         if self.soft is not None:
-            yield "soft_prompt.prompt", self.soft.prompt
+            for n, p in self.soft.named_parameters():
+                yield f"{getattr(self.soft, 'state_name', 'soft_prompt')}.{n}", p
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for _, p in self.named_parameters())
@@ -72,7 +78,8 @@ class Delta:
         return any(getattr(w, "merged", False) for w in self.wrappers.values())
 
     def __repr__(self) -> str:
-        where = f"{len(self.wrappers)} modules" if self.soft is None else f"{self.soft.n_tokens} prompt tokens"
+        where = f"{len(self.wrappers)} modules" if self.soft is None else \
+            f"{self.soft.n_tokens} {'virtual' if self.kind == 'prefix' else 'prompt'} tokens"
         return (f"Delta({self.name!r}, kind={self.kind}, {where}, params={self.num_parameters()}, "
                 f"attached={self.attached}, merged={self.merged})")
 
@@ -156,14 +163,16 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default",
         model: any ``nn.Module``; default targets exist for Llama-family, GPT-2 and BERT-family
             ``transformers`` models (``config.model_type``).
         config: a :class:`LoRAConfig`, :class:`SoRAConfig`, :class:`AdapterConfig`,
-            :class:`ParallelAdapterConfig`, :class:`BitFitConfig` or :class:`SoftPromptConfig`.
+            :class:`ParallelAdapterConfig`, :class:`CompacterConfig`, :class:`LowRankAdapterConfig`,
+            :class:`BitFitConfig`, :class:`SoftPromptConfig` or :class:`PrefixConfig`.
             ``config.targets`` / ``config.exclude`` address modules (see :mod:`.addressing`).
         name: the delta's name (an identifier); several deltas compose on one model.
         generator: a ``torch.Generator`` for the random initialisation (reproducible attach).
 
     The new parameters have the dtype and device of the modules they attach to and require grad;
     call :func:`freeze` to train the delta alone. Every delta starts as the identity (LoRA ``B``,
-    adapter ``up`` and BitFit biases are zero), except a soft prompt, which adds tokens.
+    adapter ``up`` and BitFit biases are zero), except a soft prompt, which adds tokens, and a
+    prefix, which adds keys and values to every attention layer.
     """
     model = unwrap_model(model)
     if not isinstance(config, DeltaConfig) or not config.kind:
@@ -171,7 +180,12 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default",
     _check_name(model, name)
     delta = Delta(name, config)
     with Rollback(model, get_deltas(model)) as undo:
-        if isinstance(config, SoftPromptConfig):
+        if isinstance(config, PrefixConfig):
+            p = next((q for q in model.parameters() if q.is_floating_point()), None)
+            kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+            delta.soft = Prefix(config, attention_geometry(model), generator, **kw)
+            _attach_soft(model, delta, undo)
+        elif isinstance(config, SoftPromptConfig):
             emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             if not isinstance(emb, nn.Embedding):
                 raise TypeError(f"a soft prompt needs a model with get_input_embeddings() -> nn.Embedding, "
@@ -185,6 +199,7 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default",
             if config.kind in LORA_FAMILY:
                 _check_lora_free(model, _paths)
             hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            context: dict = {}  # parameters the wrappers of this delta share
             for path in _paths:
                 module = get_logical(model, path)
                 if _per_module and path in _per_module:  # a pruned SoRA layer: its own rank / gate / scaling
@@ -192,7 +207,7 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default",
                     wrapper = build_lora(module, config, r=spec["r"], gated=spec["gated"], generator=generator)
                     wrapper.scaling, wrapper.lora_alpha = spec["scaling"], spec["scaling"] * spec["r"]
                 else:
-                    wrapper = build_wrapper(module, config, hidden, generator)
+                    wrapper = build_wrapper(module, config, hidden, generator, context)
                 _mark(wrapper, delta)
                 undo.slots.append(_insert(model, path, wrapper, config.kind))
                 delta.wrappers[path], delta.originals[path] = wrapper, module
@@ -210,16 +225,32 @@ def _check_lora_free(model: nn.Module, paths) -> None:
                                  f"{w._lmfuse_delta_name!r}; one LoRA-family delta per layer")
 
 
+def _root_name(delta: Delta) -> str:
+    return f"lmfuse_{delta.kind}_{delta.name}"
+
+
 def _attach_soft(model: nn.Module, delta: Delta, undo: Rollback) -> None:
-    name = f"lmfuse_soft_prompt_{delta.name}"
+    """Register a soft prompt's or a prefix's root sub-module and hooks."""
+    name = _root_name(delta)
     if name in model._modules:
         raise ValueError(f"the model already has a sub-module named {name!r}")
     model.add_module(name, delta.soft)
     undo.added.append(name)
-    pre, post = make_hooks(model, delta.soft)
-    delta._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                    model.register_forward_hook(post, with_kwargs=True)]
+    if isinstance(delta.soft, Prefix):
+        delta._hooks = [model.register_forward_pre_hook(make_pre_hook(model, delta.soft), with_kwargs=True),
+                        model.register_forward_hook(prefix_post_hook, with_kwargs=True)]
+    else:
+        pre, post = make_hooks(model, delta.soft)
+        delta._hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                        model.register_forward_hook(post, with_kwargs=True)]
     undo.hooks.extend(delta._hooks)
+    # prefix hooks run after every soft prompt's: a soft prompt then sees the caller's inputs, and
+    # a prefix sees the soft prompt's tokens as part of the sequence (their order in the cache)
+    for d in get_deltas(model).values():
+        if d.kind == "prefix" and d is not delta:
+            for h in d._hooks:
+                if h.id in model._forward_pre_hooks:
+                    model._forward_pre_hooks.move_to_end(h.id)
 
 
 def _get(model: nn.Module, name: str) -> Delta:
@@ -247,7 +278,7 @@ def detach(model: nn.Module, name: str = "default") -> Delta:
             undo.slots.append((holder, attr, getattr(holder, attr)))
             setattr(holder, attr, restore_target(wrapper))
         if delta.soft is not None:
-            soft_name = f"lmfuse_soft_prompt_{delta.name}"
+            soft_name = _root_name(delta)
             undo.removed.append((soft_name, model._modules[soft_name]))
             delattr(model, soft_name)
         delta.attached = False
@@ -302,11 +333,15 @@ def merge(model: nn.Module, name: Optional[str] = None, unwrap: bool = False) ->
     :func:`detach` restore the base weights bit for bit). ``unwrap=True`` also removes the LoRA-family
     wrappers, so those layers are plain backbone layers again with merged weights (zero overhead,
     nothing to undo) and those deltas leave the model. Deltas that cannot be folded into a weight
-    (adapters, BitFit, soft prompts) stay attached: the model is the plain backbone only when no
-    such delta is attached. Returns the merged deltas' names.
+    (adapters, Compacter, BitFit, soft prompts, prefixes) stay attached: the model is the plain
+    backbone only when no such delta is attached. Reparameterised prefixes are folded into plain
+    prefix tensors (their MLP is dropped: irreversible, same outputs) and stay attached. Returns
+    the merged and folded deltas' names.
     """
     model = unwrap_model(model)
-    done = []
+    done = _fold_prefixes(model, name)
+    if name is not None and done:
+        return done
     deltas = _lora_deltas(model, name)
     slots = {}
     if unwrap:  # find every wrapper before changing anything
@@ -332,6 +367,17 @@ def merge(model: nn.Module, name: Optional[str] = None, unwrap: bool = False) ->
             for w in fields["wrappers"].values():
                 w.__dict__.pop("_unmerged_weight", None)
     return done
+
+
+def _fold_prefixes(model: nn.Module, name: Optional[str]) -> list[str]:
+    """Fold reparameterised prefixes (``name``, or all) into plain ones; their config follows."""
+    deltas = get_deltas(model)
+    chosen = [deltas[name]] if name is not None and name in deltas and deltas[name].kind == "prefix" else \
+        ([] if name is not None else [d for d in deltas.values() if d.kind == "prefix"])
+    for d in chosen:
+        d.soft.fold()
+        d.config = dataclasses.replace(d.config, reparameterize=False)
+    return [d.name for d in chosen]
 
 
 def unmerge(model: nn.Module, name: Optional[str] = None) -> list[str]:

@@ -28,6 +28,10 @@ from .linear_cross_entropy import cost as linear_cross_entropy_cost
 from .linear_cross_entropy import linear_cross_entropy, linear_log_probs
 from .linear_cross_entropy import log_probs_reference as linear_log_probs_reference
 from .linear_cross_entropy import reference as linear_cross_entropy_reference
+from .expert_blend import BlendDecodeResult, expert_blend_cross_entropy, expert_blend_decode_step
+from .expert_blend import blend_logits as expert_blend_logits
+from .expert_blend import reference as expert_blend_cross_entropy_reference
+from .discounted_cumsum import cost as discounted_cumsum_cost, discounted_cumsum, reference as discounted_cumsum_reference
 
 __all__ = [
     "BACKENDS", "BackendStatus", "BackendUnavailableError", "available_backends", "use_backend",
@@ -41,3 +45,5 @@ __all__ = [
     "linear_cross_entropy", "linear_log_probs", "linear_cross_entropy_reference",
     "linear_log_probs_reference", "linear_cross_entropy_cost",
 ]
+__all__ += ["expert_blend_cross_entropy", "expert_blend_cross_entropy_reference", "expert_blend_decode_step",
+            "expert_blend_logits", "BlendDecodeResult"]

@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _backend
+
 # Bytes of the per-chunk workspace (the float32 logits turned in place into G, the low-precision
 # logits and G, the softcap's tanh). At H = 576, V = 49152, N = 2048 eager holds ~805 MB (fp32) /
 # ~400 MB (bf16) of logits and softmax gradients; 40 MiB is 213 (fp32) / 106 (bf16) tokens per
@@ -46,18 +48,38 @@ from torch import Tensor
 WORKSPACE_BYTES = 40 << 20
 
 
-def chunk_rows(n: int, vocab_size: int, dtype: torch.dtype, softcap: bool) -> int:
+def fused_cpu(h2: Tensor) -> bool:
+    """True where the chunk's softmax gradient runs in the C++ kernel ``lmfuse._C.lce_chunk_grad_``
+    (CPU float32 / bfloat16 / float16 with the extension built): the workspace is then just the
+    GEMM's output block, overwritten in place."""
+    if h2.device.type != "cpu" or h2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    ext = _backend.cpu_extension()
+    return ext is not None and hasattr(ext, "lce_chunk_grad_")
+
+
+def chunk_rows(n: int, vocab_size: int, dtype: torch.dtype, softcap: bool, fused: bool = False) -> int:
     """Tokens per chunk so that the workspace stays within :data:`WORKSPACE_BYTES`."""
     ct = 8 if dtype == torch.float64 else 4
-    per_elem = ct + (2 * dtype.itemsize if dtype in (torch.bfloat16, torch.float16) else 0)
-    if softcap:
-        per_elem += ct
+    if fused:  # one [rows, V'] block in the input dtype
+        per_elem = dtype.itemsize
+    else:
+        per_elem = ct + (2 * dtype.itemsize if dtype in (torch.bfloat16, torch.float16) else 0)
+        if softcap:
+            per_elem += ct
     return max(1, min(max(n, 1), WORKSPACE_BYTES // (per_elem * vocab_size)))
 
 
-def _dweight_update(dw: Tensor, g: Tensor, hc: Tensor) -> None:
-    """``dw += gᵀ·hc`` in dw's dtype (one rounding per chunk for low precision)."""
-    dw.addmm_(g.t(), hc)
+def _gradient_gemms(g: Tensor, hc: Tensor, wv: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
+                    db32: Optional[Tensor]) -> None:
+    """From the chunk's logit gradient ``g`` [rows, V']: ``dh = g·W'`` (written in place),
+    ``dw += gᵀ·hc`` in dw's dtype (one rounding per chunk for low precision) and ``db32 += Σ_rows g``."""
+    if db32 is not None:
+        db32 += g.sum(0, dtype=db32.dtype)
+    if dh is not None:
+        torch.mm(g, wv, out=dh)
+    if dw is not None:
+        dw.addmm_(g.t(), hc)
 
 
 def _forward(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, tw: Tensor, vocab_size: int,
@@ -79,11 +101,21 @@ def _forward(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     any_grad = need_h or need_w or need_b
     target = target.contiguous()
     tw = torch.where(target != ignore_index, tw.to(ct), torch.zeros((), dtype=ct, device=h2.device))
+    fused = fused_cpu(h2)
+    tw32 = tw.to(torch.float32).contiguous() if fused else None
     for s in range(0, N, max(1, rows)):
         e = min(N, s + rows)
         hc, tc, twc = h2[s:e], target[s:e], tw[s:e]
         # logits in the input dtype (as F.linear), then float32 for the softmax
         u = torch.addmm(bv, hc, wv.t()) if bv is not None else hc @ wv.t()
+        if fused:  # loss and (in place) G by the C++ kernel, then the two gradient GEMMs
+            ltok[s:e] = _backend.cpu_extension().lce_chunk_grad_(
+                u, tc, tw32[s:e], ignore_index, scale, 0.0 if softcap is None else softcap, eps, lam, any_grad)
+            if any_grad:
+                _gradient_gemms(u, hc, wv, dh[s:e] if need_h else None, dw[:vocab_size] if need_w else None,
+                                db32 if need_b else None)
+            del u
+            continue
         z = u.to(ct) if low else u
         del u
         if scale != 1.0:
@@ -127,10 +159,7 @@ def _forward(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
             db32 += g.sum(0)
         if low:
             g = g.to(dt)
-        if need_h:
-            torch.mm(g, wv, out=dh[s:e])
-        if need_w:
-            _dweight_update(dw[:vocab_size], g, hc)
+        _gradient_gemms(g, hc, wv, dh[s:e] if need_h else None, dw[:vocab_size] if need_w else None, None)
         del g, p
     if need_b:
         db = torch.zeros((V,), dtype=dt, device=h2.device)
@@ -146,6 +175,9 @@ def _chunked_op(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target
                 label_smoothing: float, z_loss_scale: float, need: list[bool],
                 rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need = [bool(need[0]), bool(need[1]), bool(need[2]) and bias is not None]
+    if rows <= 0:  # decided here, not in the traced caller: the choice depends on the built extension
+        rows = chunk_rows(hidden2d.shape[0], int(vocab_size), hidden2d.dtype, softcap is not None,
+                          fused_cpu(hidden2d))
     return _forward(hidden2d, weight, bias, target, tw, vocab_size, ignore_index, logit_scale, softcap,
                     label_smoothing, z_loss_scale, need, rows)
 
@@ -188,8 +220,7 @@ def fused_loss(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target:
                label_smoothing: float, z_loss_scale: float, need: list[bool]) -> Tensor:
     """``Σ_n tw[n]·ℓ_n`` (0-d float32), differentiable w.r.t. hidden2d, weight, bias (where ``need``
     says so; gradients computed in the forward) and ``tw``."""
-    rows = chunk_rows(hidden2d.shape[0], int(vocab_size), hidden2d.dtype, softcap is not None)
     loss, _, _, _, _ = torch.ops.lmfuse.lce_chunked(
         hidden2d, weight, bias, target, tw, int(vocab_size), int(ignore_index), float(logit_scale), softcap,
-        float(label_smoothing), float(z_loss_scale), [bool(x) for x in need], int(rows))
+        float(label_smoothing), float(z_loss_scale), [bool(x) for x in need], 0)
     return loss
