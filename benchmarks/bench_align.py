@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
-from lmfuse.benchmarks.bench_linear_cross_entropy import _PROBE_ENV, _status_mib
+from lmfuse.bench.timing import extra_memory_mib
+from lmfuse.benchmarks.bench_linear_cross_entropy import _PROBE_ENV
 
 OP = "dpo_step"
 WORDS = ("<pad> <eos> the a cat dog sat ran on mat big small red blue is was and or yes no").split()
@@ -177,25 +178,17 @@ def probe(spec: Spec, provider: str, device: torch.device) -> dict:
 
     step()  # warm-up: thread pools, lazy imports, caches
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-        out = step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        base = _status_mib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    times = {}
+
+    def timed():
         wall, cpu = time.perf_counter(), time.process_time()
         out = step()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        peak = _status_mib("VmHWM")
-    del out
+        times.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu)
+        return out
+    base, peak = extra_memory_mib(timed, device)
     row = {"extra_mib": peak - base, "base_mib": base}
     if device.type == "cpu":  # one step's wall and CPU time (CPU time is less sensitive to other load)
-        row.update(step_wall_s=wall, step_cpu_s=cpu, threads=torch.get_num_threads())
+        row.update(step_wall_s=times["wall"], step_cpu_s=times["cpu"], threads=torch.get_num_threads())
     return row
 
 

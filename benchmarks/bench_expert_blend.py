@@ -40,7 +40,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 
 from lmfuse.bench import Case, Provider, Workload, forced_backend_workload
 from lmfuse.bench.harness import working_set_note
+from lmfuse.bench.timing import extra_memory_mib
 
 OP = "expert_blend_cross_entropy"
 IGNORED_FRACTION = 0.1
@@ -199,11 +199,6 @@ def cases(scale: str, device: torch.device) -> list[Case]:
 
 # -- peak memory above the inputs (CPU: one fresh process per measurement) --------------------
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
-
-
 def probe(spec: Spec, provider: str, mode: str, device: torch.device) -> dict:
     """Peak memory (MiB) of one call above what was resident (CPU) / allocated (CUDA) before it."""
     case = build_case(spec, device)
@@ -220,20 +215,7 @@ def probe(spec: Spec, provider: str, mode: str, device: torch.device) -> dict:
     with (work.context() if work.context else contextlib.nullcontext()):
         call()  # warm-up
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
-            out = call()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            base = _status_mib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak resident set to the current one
-            out = call()
-            peak = _status_mib("VmHWM")
-        del out
+        base, peak = extra_memory_mib(call, device)
     return {"extra_mib": peak - base, "base_mib": base}
 
 

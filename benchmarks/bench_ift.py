@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 import torch
 
 from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
+from lmfuse.bench.timing import status_mib
 
 OP = "ift_step"
 PROVIDERS = ("lmfuse", "eager-ift", "sft-fused", "sft-stock")
@@ -130,11 +130,6 @@ def cases(scale: str, device: torch.device) -> list[Case]:
 
 # -- wall time and peak resident memory, one fresh process per provider ------------------------
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
-
-
 def probe(scale: str, provider: str, reps: int, shape: tuple[int, int] | None = None) -> dict:
     inputs = _Inputs(scale, torch.device("cpu"), shape)
     work = _workload(inputs, provider)
@@ -146,7 +141,7 @@ def probe(scale: str, provider: str, reps: int, shape: tuple[int, int] | None = 
     step()  # warm-up: thread pools, lazy imports
     import gc
     gc.collect()
-    base = _status_mib("VmRSS")
+    base = status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set to the current one
     times = []
@@ -156,7 +151,7 @@ def probe(scale: str, provider: str, reps: int, shape: tuple[int, int] | None = 
         times.append(time.perf_counter() - t0)
         del out
     return {"provider": provider, "median_s": statistics.median(times), "times_s": times,
-            "peak_extra_mib": _status_mib("VmHWM") - base, "base_mib": base}
+            "peak_extra_mib": status_mib("VmHWM") - base, "base_mib": base}
 
 
 def measure(scale: str, reps: int, out_dir: str | None, shape: tuple[int, int] | None = None) -> list[dict]:

@@ -48,7 +48,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 
 from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload, forced_backend_workload
 from lmfuse.bench.harness import working_set_note
+from lmfuse.bench.timing import extra_memory_mib
 
 OP = "linear_cross_entropy"
 IGNORED_FRACTION = 0.1
@@ -318,9 +318,6 @@ def cases(scale: str, device: torch.device) -> list[Case]:
 
 # -- peak memory above the inputs, one fresh process per measurement ---------------------------
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
 
 
 def _mode_call(work: Workload, mode: str):
@@ -347,20 +344,7 @@ def probe(spec: Spec, provider: str, mode: str, device: torch.device) -> dict:
     try:
         call()  # warm-up: thread pools, lazy imports, caches
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
-            out = call()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            base = _status_mib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak resident set (VmHWM) to the current one
-            out = call()
-            peak = _status_mib("VmHWM")
-        del out
+        base, peak = extra_memory_mib(call, device)
     finally:
         if ctx:
             ctx.__exit__(None, None, None)

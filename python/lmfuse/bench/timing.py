@@ -122,6 +122,35 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def status_mib(key: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``, ...) in MiB (Linux)."""
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+def extra_memory_mib(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``(base, peak)`` MiB around one call of ``fn``: allocated memory on CUDA, the resident set
+    on CPU (the peak ``VmHWM`` reset to the current ``VmRSS`` first; Linux). The result of ``fn``
+    is dropped only after the peak is read, so memory it returns counts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        base = status_mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
+        out = fn()
+        peak = status_mib("VmHWM")
+    del out
+    return base, peak
+
+
 @dataclass(frozen=True)
 class Ceilings:
     """Measured peak bandwidth (GB/s, read + write counted) and matmul throughput (TFLOP/s)."""
