@@ -22,6 +22,7 @@ from .tiny import fresh_seed, token_ids
 from .trainer_utils import random_examples, train
 
 FP32 = torch.float32
+_SGD = dict(optim="sgd", lr=0.3)  # large enough that the parameters move well beyond their fp32 spacing
 
 
 def _count_head_calls(monkeypatch, head):
@@ -41,17 +42,20 @@ def _count_head_calls(monkeypatch, head):
 
 def _assert_same_run(fused_losses, stock_losses, fused_model, stock_model, initial, what):
     assert len(fused_losses) == len(stock_losses) > 0
-    # The two runs differ only in the summation order of the loss: a few fp32 ulps per step,
-    # which the optimizer then carries forward. 5x the fp32 tolerance covers four steps.
+    # The two runs differ only in the summation order of the loss: a few fp32 ulps in each
+    # gradient, which plain SGD carries forward linearly, so the fp32 bound holds after four
+    # steps. (Adam is not used here: it divides each gradient element by that element's running
+    # magnitude, so an element whose gradient is at rounding level takes a full step in either
+    # direction and no fp32 bound holds; it would also hide a gradient-scale error entirely.)
     assert_close_to_reference(torch.tensor(fused_losses), torch.tensor(stock_losses, dtype=torch.float64),
-                              FP32, f"{what}: per-step losses", factor=5)
+                              FP32, f"{what}: per-step losses")
     stock, start = dict(stock_model.named_parameters()), dict(initial.named_parameters())
     moved = 0.0
     for name, p in fused_model.named_parameters():
         if p.requires_grad:
-            assert_close_to_reference(p, stock[name].double(), FP32, f"{what}: {name} after training", factor=5)
+            assert_close_to_reference(p, stock[name].double(), FP32, f"{what}: {name} after training")
             moved = max(moved, (p - start[name]).abs().max().item())
-    assert moved > 1e-4, "training did not change the parameters"
+    assert moved > 1e-3, "training did not move the parameters far beyond their fp32 spacing"
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -60,11 +64,11 @@ def test_stock_trainer_losses_match_step_for_step(tmp_path, monkeypatch, accumul
     data = random_examples(16, 12, tiny.VOCAB, torch.Generator().manual_seed(seed))
     stock_model, fused_model, initial = tiny.llama(seed), tiny.llama(seed), tiny.llama(seed)
     stock_calls = _count_head_calls(monkeypatch, stock_model.lm_head)
-    stock = train(stock_model, data, tmp_path / "stock", accumulation=accumulation)
+    stock = train(stock_model, data, tmp_path / "stock", accumulation=accumulation, **_SGD)
     assert len(stock_calls) == 4 * accumulation  # the counter sees the stock head
     head_calls = _count_head_calls(monkeypatch, fused_model.lm_head)
     handle = fused_causal_lm(fused_model)
-    fused = train(fused_model, data, tmp_path / "fused", accumulation=accumulation)
+    fused = train(fused_model, data, tmp_path / "fused", accumulation=accumulation, **_SGD)
     assert handle.calls == 4 * accumulation and head_calls == []  # every step fused, head never run
     _assert_same_run(fused, stock, fused_model, stock_model, initial, f"accumulation={accumulation}")
 
@@ -84,9 +88,9 @@ def test_lora_and_gradient_checkpointing_through_the_trainer(tmp_path):
         models.append(m)
     stock_model, fused_model, initial = models
     ckpt = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
-    stock = train(stock_model, data, tmp_path / "stock", lr=1e-2, **ckpt)
+    stock = train(stock_model, data, tmp_path / "stock", **_SGD, **ckpt)
     handle = fused_causal_lm(fused_model)
-    fused = train(fused_model, data, tmp_path / "fused", lr=1e-2, **ckpt)
+    fused = train(fused_model, data, tmp_path / "fused", **_SGD, **ckpt)
     assert fused_model.model.gradient_checkpointing and handle.calls == 4
     assert not fused_model.lm_head.weight.requires_grad and fused_model.lm_head.weight.grad is None
     _assert_same_run(fused, stock, fused_model, stock_model, initial, "LoRA + checkpointing")
