@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmfuse.ops import _lce_chunked
 from lmfuse.ops.linear_cross_entropy import linear_cross_entropy, reference
@@ -228,6 +229,50 @@ def test_retain_graph_second_backward(chunked):
     g2 = torch.autograd.grad(loss * -0.5, [hh, ww])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a * -0.25, rtol=1e-6, atol=1e-9)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op produces in new memory (views and aliases of its
+    inputs excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append(tuple(o.shape))
+        return out
+
+
+@pytest.mark.parametrize("mean", [True, False])
+def test_backward_allocates_one_copy_of_each_gradient(chunked, mean):
+    """The backward only scales the gradients computed in the forward: one new weight-sized and one
+    hidden-sized tensor, no zero-filled gradients for the op's other outputs; the results equal the
+    reference, and three backwards through the retained graph accumulate to three times it (the
+    stored gradients are never modified)."""
+    h, w, _, t, _, _ = _data(12)
+    red = "mean" if mean else "sum"
+    rh, rw = _leaves((h, w), torch.float64)
+    reference(rh, rw, t, reduction=red).backward()
+    hh, ww = _leaves((h, w), torch.float32)
+    loss = linear_cross_entropy(hh, ww, t, reduction=red)
+    with _Shapes() as seen:
+        loss.backward()
+    assert seen.shapes.count((V, H)) == 1 and seen.shapes.count((N, H)) == 1, seen.shapes
+    for out, ref in ((hh.grad, rh.grad), (ww.grad, rw.grad)):
+        assert rel_error(out, ref) < 1e-5
+    hh.grad = ww.grad = None
+    loss = linear_cross_entropy(hh, ww, t, reduction=red)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for out, ref in ((hh.grad, rh.grad), (ww.grad, rw.grad)):
+        assert rel_error(out, 3 * ref) < 1e-5
 
 
 def test_opcheck():

@@ -195,13 +195,16 @@ def _chunked_fake(hidden2d, weight, bias, target, tw, vocab_size, ignore_index, 
 def _setup_context(ctx, inputs, output):
     _, ltok, dh, dw, db = output
     ctx.save_for_backward(ltok, dh, dw, db)
+    ctx.set_materialize_grads(False)  # the four outputs besides the loss never get a gradient: no zeros
     need = inputs[11]
     ctx.have = (bool(need[0]), bool(need[1]), bool(need[2]) and inputs[2] is not None)
 
 
 def _backward(ctx, g_loss, _g_ltok, _g_dh, _g_dw, _g_db):
     # Out of place: the stored gradients stay valid for a second backward (retain_graph=True) and
-    # for torch.compile; it costs one more copy of each gradient while the backward runs.
+    # for torch.compile; it costs one more copy of each gradient while the backward runs. (Returning
+    # a stored gradient itself when the upstream gradient is 1 would let autograd adopt it as
+    # ``.grad`` and add the next backward's gradient into it in place.)
     ltok, dh, dw, db = ctx.saved_tensors
     n = ctx.needs_input_grad
     g = g_loss.float()
