@@ -140,3 +140,19 @@ def test_llm_run_is_replayed_without_the_llm(small, tmp_path):
     again = replay(tmp_path / "a", small.dataset, gene_sets=small.gene_sets, out=tmp_path / "b")
     assert (tmp_path / "b" / "findings.json").read_text() == (tmp_path / "a" / "findings.json").read_text()
     assert again.engine.planner.name == "replay:hybrid"
+
+
+def test_survival_hits_with_drifting_hazards_are_not_claimed():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from lmfuse.proteus.engine import extract_evidence
+
+    tab = pd.DataFrame({"protein": ["P1", "P2", "P3", "P4"], "gene": ["A", "B", "C", "D"],
+                        "hazard_ratio": [2.0, 0.5, 1.8, 1.1], "p": [1e-5, 2e-5, 3e-5, 0.3],
+                        "q": [0.001, 0.001, 0.001, 0.6], "ph_p": [0.4, 0.004, np.nan, np.nan]})
+    ev = extract_evidence("survival_cox", SimpleNamespace(args={"fdr": 0.05}, tables={"cox": tab}), 0.05)
+    assert [r["protein"] for r in ev["rows"]] == ["P1", "P3"]
+    assert ev["excluded_nonproportional"] == ["P2"]
+    assert ev["rows"][0]["ph_p"] == 0.4 and ev["rows"][1]["ph_p"] is None

@@ -34,11 +34,10 @@ def test_planted_truth_recovery():
 
 
 def test_null_cohort_yields_no_hypotheses():
-    # Every differential step is gated by a global test at level ~2e-3 and clusterings must beat a
-    # permutation null and not coincide with batch. The survival step has no global gate yet: on
-    # one random null cohort of a full-suite run it produced a Cox hypothesis (q 0.04), so this
-    # test uses a fixed cohort until the survival step gets a global test.
-    _, res = null(0)
+    # Every differential step is gated by a global test at level ~2e-3, the Cox and clinical
+    # correlation steps by permutation tests at level 1e-3, and clusterings must beat a permutation
+    # null and not coincide with batch (200 null cohorts, seeds 8-207: no step accepted).
+    _, res = null(session_seed())
     f = res.findings
     assert f["hypotheses"] == [], [h["statement"] for h in f["hypotheses"]]
     assert f["evaluation"]["n_hypotheses"] == 0 and f["evaluation"]["null_cohort"]

@@ -313,3 +313,90 @@ def test_ph_test_flags_crossing_hazards_only():
     b = S.cox_fit(x[:, None], t, e).coef[0, 0]
     rho, p = S.ph_test(x, t, e, b)
     assert p < 1e-6 and rho < 0
+
+
+def _breslow_score_by_differences(x, t, e):
+    """U(0) and I(0) of the Breslow log partial likelihood of one covariate, by central
+    differences (an independent transcription of the definition)."""
+    def logpl(b):
+        return sum(b * x[i] - np.log(np.exp(b * x[t >= t[i]]).sum()) for i in np.flatnonzero(e))
+    h = 1e-4
+    U = (logpl(h) - logpl(-h)) / (2 * h)
+    I = -(logpl(h) - 2 * logpl(0.0) + logpl(-h)) / h**2
+    return U, I
+
+
+def test_cox_score_test_against_logrank_and_the_partial_likelihood():
+    lifelines = pytest.importorskip("lifelines")
+    from lifelines.statistics import logrank_test
+
+    rng, _ = test_rng()
+    n = 57
+    t = rng.permutation(np.arange(1.0, n + 1))  # no ties: the score test of a binary row is the log-rank test
+    e = rng.random(n) < 0.7
+    g = (rng.random((3, n)) < 0.4).astype(float)
+    chi2, p = S.cox_score_test(g, t, e)
+    for k in range(3):
+        lr = logrank_test(t[g[k] == 1], t[g[k] == 0], e[g[k] == 1], e[g[k] == 0])
+        np.testing.assert_allclose(chi2[k], lr.test_statistic, rtol=1e-10)
+        np.testing.assert_allclose(p[k], lr.p_value, rtol=1e-8)
+    # continuous rows, tied times (Breslow), missing values: each row on its observed samples only
+    tt = np.round(rng.exponential(5.0, n))
+    X = rng.standard_normal((4, n))
+    X[1, rng.random(n) < 0.3] = np.nan
+    chi2, _ = S.cox_score_test(X, tt, e)
+    for k in range(4):
+        m = ~np.isnan(X[k])
+        U, I = _breslow_score_by_differences(X[k, m], tt[m], e[m])
+        np.testing.assert_allclose(chi2[k], U * U / I, rtol=1e-5)
+    with pytest.raises(ValueError, match="X must be"):
+        S.cox_score_test(X[:, :-1], tt, e)
+
+
+def test_cox_global_permutation_test_is_calibrated_under_correlated_nulls_and_has_power():
+    rng, seed = test_rng()
+    n, P = 40, 60
+    p_perm = []
+    for rep in range(60):
+        F = rng.standard_normal(n)  # one strong shared factor: the rows' tests are highly correlated
+        X = rng.standard_normal((P, n)) * 0.5 + F[None, :]
+        t, e = rng.exponential(1.0, n), rng.random(n) < 0.8
+        p_perm.append(S.cox_global_permutation_p(X, t, e, n_perm=99, seed=seed + rep, stop_after=1000)[0])
+    p_perm = np.array(p_perm)
+    # exact under exchangeability: P(p <= 0.1) = 0.1, so more than 14 of 60 (binomial tail < 0.05) fails
+    assert (p_perm <= 0.1).sum() <= 14, np.sort(p_perm)
+    assert (p_perm >= 0.5).sum() >= 18, np.sort(p_perm)  # and not conservative (expected 30)
+    # a planted association: the smallest possible p; the sequential stop on a null
+    t = rng.exponential(1.0, n) * np.exp(-1.5 * X[0] / X[0].std())
+    e = np.ones(n, bool)
+    assert S.cox_global_permutation_p(X, t, e, n_perm=199, seed=seed)[0] == 1 / 200
+    Xn = rng.standard_normal((P, n))
+    p, _ = S.cox_global_permutation_p(Xn, rng.exponential(1.0, n), e, n_perm=999, seed=seed, stop_after=5)
+    assert p > 1e-3
+    with pytest.raises(ValueError, match="n_perm"):
+        S.cox_global_permutation_p(Xn, t, e, n_perm=0)
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_correlation_global_permutation_test(method):
+    rng, seed = test_rng()
+    n, P = 30, 40
+    X = rng.standard_normal((P, n)) + rng.standard_normal(n)[None, :]  # a shared factor
+    y = rng.standard_normal(n)
+    r, _, _ = S.correlate_rows(X, y, method)
+    p, stat = S.correlation_global_permutation_p(X, y, method, n_perm=99, seed=seed)
+    np.testing.assert_allclose(stat, np.abs(r).max(), rtol=1e-10)  # complete rows: the tool's own r
+    ps = []
+    for rep in range(60):
+        F = rng.standard_normal(n)
+        Xr = rng.standard_normal((P, n)) * 0.5 + F[None, :]
+        Xr[rng.random((P, n)) < 0.1] = np.nan
+        yr = rng.standard_normal(n)
+        yr[rng.random(n) < 0.1] = np.nan
+        ps.append(S.correlation_global_permutation_p(Xr, yr, method, n_perm=99, seed=seed + rep, stop_after=1000)[0])
+    ps = np.array(ps)
+    assert (ps <= 0.1).sum() <= 14 and (ps >= 0.5).sum() >= 18, np.sort(ps)  # uniform under exchangeability
+    y2 = X[3] + 0.3 * rng.standard_normal(n)
+    assert S.correlation_global_permutation_p(X, y2, method, n_perm=199, seed=seed)[0] == 1 / 200
+    with pytest.raises(ValueError, match="y"):
+        S.correlation_global_permutation_p(X, y[:-1], method)

@@ -101,7 +101,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from . import _lce_chunked
+from . import _lce_chunked, _llp_chunked
 from ._common import check_same, check_tensor, cost_for_mode
 from ._lce_autograd import stats
 
@@ -307,6 +307,23 @@ def _takes_chunked(h2: Tensor, need: list[bool]) -> bool:
     return mode == "auto" and h2.device.type == "cpu" and h2.dtype in _CHUNKED_DEFAULT_DTYPES and any(need)
 
 
+# Where linear_log_probs takes its chunked path by default (CPU training): float32 and bfloat16,
+# where ATen's GEMMs plus the in-place softmax kernel measured faster than the cpp kernels.
+_LOGP_CHUNKED_DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _logp_takes_chunked(h2: Tensor, need: list[bool]) -> bool:
+    """Static rule for linear_log_probs without entropy / argmax: the chunked path on CPU for
+    float32 / bfloat16 when a gradient is needed (``auto``), for every kernel dtype on any device
+    when forced on (``LMFUSE_LCE_CHUNKED=1``), never when off or when a backend is forced."""
+    if h2.dtype not in _CHUNKED_DTYPES:
+        return False
+    mode = _chunked_mode()
+    if mode == "on":
+        return True
+    return mode == "auto" and h2.device.type == "cpu" and h2.dtype in _LOGP_CHUNKED_DEFAULT_DTYPES and any(need)
+
+
 # ----------------------------------------------------------------------------- public ops
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
@@ -401,6 +418,10 @@ def linear_log_probs(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Op
     vs = _validate(hidden, weight, target, bias, ignore_index, softcap, vocab_size, None)
     temp = _check_number("temperature", temperature, positive=True)
     h2, t2 = _flat(hidden, target)
+    if not return_entropy and not return_argmax and _logp_takes_chunked(h2, _chunked_need(hidden, weight, bias)):
+        logp = _llp_chunked.log_probs(h2, weight, bias, t2, vs, ignore_index, 1.0 / temp,
+                                      None if softcap is None else float(softcap))
+        return logp.reshape(target.shape)
     lse, zt, _, spz, am = stats(h2, weight, bias, t2, vs, ignore_index, 1.0 / temp,
                                 None if softcap is None else float(softcap), False, bool(return_entropy),
                                 bool(return_argmax))

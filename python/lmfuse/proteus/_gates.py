@@ -93,5 +93,12 @@ def global_signal_gate(p_values) -> Gate:
                 note=f"{k} of {p.size} p-values <= {GLOBAL_P_LEVEL}; binomial tail {tail:.3g}; Simes {simes:.3g}")
 
 
+def permutation_global_gate(p: float | None, what: str) -> Gate:
+    """Gatekeeping by a permutation test of the complete null (``p`` from the tool, ``what`` says
+    which statistic and what was permuted), at the same level as :func:`global_signal_gate`."""
+    ok = bool(p is not None and np.isfinite(p) and p <= GLOBAL_ALPHA)
+    return Gate("global_signal", None if p is None else float(p), f"permutation p <= {GLOBAL_ALPHA:g}", ok, note=what)
+
+
 def gate_dict(gates: list[Gate]) -> list[dict]:
     return [g.to_json() for g in gates]

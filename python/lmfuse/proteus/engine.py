@@ -176,10 +176,17 @@ def extract_evidence(tool: str, res, fdr: float) -> dict | None:
     if tool == "survival_cox":
         tab = next(iter(res.tables.values()))
         hr_col = next(c for c in ("hazard_ratio", "hr", "HR") if c in tab.columns)
-        rows = [{"protein": str(r["protein"]), "gene": str(r.get("gene") or ""), "hr": _num(r[hr_col]),
-                 "p": _num(r["p"]), "q": _num(r["q"])}
-                for r in tab.to_dict("records") if r["q"] == r["q"] and r["q"] <= float(a.get("fdr", fdr))]
-        return {"kind": "survival", "rows": rows}
+        rows, drifting = [], []
+        for r in tab.to_dict("records"):
+            if not (r["q"] == r["q"] and r["q"] <= float(a.get("fdr", fdr))):
+                continue
+            ph = _num(r.get("ph_p"))
+            if ph is not None and ph <= G.MIN_PH_P:  # hazard ratio drifts over time: not a claimable constant effect
+                drifting.append(str(r["protein"]))
+                continue
+            rows.append({"protein": str(r["protein"]), "gene": str(r.get("gene") or ""), "hr": _num(r[hr_col]),
+                         "p": _num(r["p"]), "q": _num(r["q"]), "ph_p": ph})
+        return {"kind": "survival", "rows": rows, "excluded_nonproportional": drifting}
     if tool == "correlate_clinical":
         tab = res.tables["correlation"]
         sig = tab[tab.q <= float(a.get("fdr", fdr))]
@@ -374,14 +381,19 @@ class Engine:
         elif tool == "survival_cox":
             ev = d.get("n_events")
             gates.append(G.Gate("events", ev, f">= {G.MIN_EVENTS}", ev is not None and ev >= G.MIN_EVENTS))
-            gates.append(G.global_signal_gate(res.tables["cox"].p))
+            # per-protein Cox p-values are correlated through shared factors, so a binomial count of
+            # small p-values over-rejects on a null cohort: the tool's permutation test decides
+            # (the same for correlate_clinical below)
+            gates.append(G.permutation_global_gate(
+                d.get("global_permutation_p"), "max Cox score statistic vs permuted (time, event) pairs"))
             php = d.get("ph_min_p")
-            if php is not None:
+            if php is not None:  # per hit: a hit that fails it is left out of the evidence (extract_evidence)
                 gates.append(G.Gate("proportional_hazards", _num(php), f"min Schoenfeld p > {G.MIN_PH_P}",
-                                    php > G.MIN_PH_P, "warn"))
+                                    php > G.MIN_PH_P, "warn", note="hits at or below the threshold are not claimed"))
         elif tool in ("correlate_clinical",):
             pv = res.tables["correlation"].p.dropna().to_numpy()
-            gates.append(G.global_signal_gate(pv))
+            gates.append(G.permutation_global_gate(d.get("global_permutation_p"),
+                                                   "max |r| over proteins vs permutations of the variable"))
             gates.append(G.p_histogram_gate(np.histogram(pv, bins=10, range=(0, 1))[0].tolist()))
         return gates, sugg
 

@@ -116,7 +116,7 @@ def findings_dict(engine, hypotheses, *, llm_name: str = "none", evaluation: dic
                                                                           "sizes", "labels")}})
         elif ev["kind"] == "survival":
             survival += [{"step_id": r.step_id, "protein": x["protein"], "gene": x["gene"], "hazard_ratio": x["hr"],
-                          "p": x["p"], "q": x["q"]} for x in ev["rows"]]
+                          "p": x["p"], "q": x["q"], "ph_p": x.get("ph_p")} for x in ev["rows"]]
         elif ev["kind"] == "correlation":
             correlation += [{"step_id": r.step_id, "variable": ev["variable"], **x} for x in ev["rows"]]
     cfg = engine.log.events[0] if engine.log.events else {}

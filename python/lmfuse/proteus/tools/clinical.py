@@ -9,7 +9,7 @@ import pandas as pd
 from pydantic import Field
 
 from ..data import ProteomicsDataset
-from ..stats.correlation import correlate_rows
+from ..stats.correlation import correlate_rows, correlation_global_permutation_p
 from ..stats.multitest import bh
 from .registry import ToolArgs, Finding, ToolContext, ToolResult, tool
 
@@ -33,6 +33,11 @@ def correlate_clinical(ds: ProteomicsDataset, a: ClinicalArgs, ctx: ToolContext)
     tab = tab.sort_values(["p", "protein"], na_position="last", kind="mergesort").reset_index(drop=True)
     sig = tab[tab.q <= a.fdr]
     obj = f"covariate:{a.variable}"
+    # the step's global test (the engine's gate): max |r| against permutations of the variable,
+    # which keep the correlation between proteins
+    tested = n >= a.min_samples
+    gp, gr = (correlation_global_permutation_p(ds.X[tested], y, a.method, seed=ctx.seed) if tested.any()
+              else (float("nan"), float("nan")))
     findings = [Finding(entity=f"protein:{x.protein}", gene=x.gene,
                         relation="correlates_with" if x.r > 0 else "anticorrelates_with", object=obj,
                         direction="up" if x.r > 0 else "down", effect=float(x.r), statistic={"r": float(x.r)},
@@ -40,4 +45,5 @@ def correlate_clinical(ds: ProteomicsDataset, a: ClinicalArgs, ctx: ToolContext)
     return ToolResult(tool="correlate_clinical", args=a.model_dump(), tables={"correlation": tab}, findings=findings,
                       summary={"variable": a.variable, "n_tested": int(np.sum(~np.isnan(p))), "n_significant": len(sig),
                                "top": [{"protein": x.protein, "gene": x.gene, "r": round(float(x.r), 3)} for x in sig.head(10).itertuples()]},
-                      diagnostics={"n_samples_with_value": int(np.sum(~np.isnan(y)))})
+                      diagnostics={"n_samples_with_value": int(np.sum(~np.isnan(y))),
+                                   "global_permutation_p": gp, "global_max_abs_r": gr})

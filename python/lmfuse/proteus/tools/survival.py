@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ..data import ProteomicsDataset, event_indicator
 from ..stats.multitest import bh
-from ..stats.survival import concordance_index, cox_fit, kaplan_meier, logrank, ph_test
+from ..stats.survival import concordance_index, cox_fit, cox_global_permutation_p, kaplan_meier, logrank, ph_test
 from .registry import ToolArgs, Finding, ToolContext, ToolResult, figure, png, tool
 
 
@@ -90,13 +90,18 @@ def survival_cox(ds: ProteomicsDataset, a: CoxArgs, ctx: ToolContext) -> ToolRes
         ph[x.protein] = ph_test(xi, t[ok][m], e[ok][m], x.log_hr)[1]
     tab["ph_p"] = tab.protein.map(ph)
     n_ev = int(e[ok].sum())
+    # the step's global test (the engine's gate): max score statistic against permutations of the
+    # (time, event) pairs, which keep the correlation between proteins (covariates not included)
+    gp, gstat = (cox_global_permutation_p(X[test], t[ok], e[ok], seed=ctx.seed) if n_ev >= 2 and test.any()
+                 else (float("nan"), float("nan")))
     r = ToolResult(tool="survival_cox", args=a.model_dump(), tables={"cox": tab}, findings=findings,
                    summary={"n_tested": int(test.sum()), "n_significant": len(sig), "n_events": n_ev,
                             "top": [{"protein": x.protein, "gene": x.gene, "hazard_ratio": round(float(x.hazard_ratio), 3)}
                                     for x in sig.head(10).itertuples()]},
                    diagnostics={"n_samples": int(ok.sum()), "n_events": n_ev, "time_column": cols["time"],
                                 "event_column": cols["event"], "not_converged": nconv,
-                                "ph_min_p": min(ph.values()) if ph else None})
+                                "ph_min_p": min(ph.values()) if ph else None,
+                                "global_permutation_p": gp, "global_max_score_chi2": gstat})
     if n_ev < 10:
         r.warnings.append(f"only {n_ev} events")
     return r

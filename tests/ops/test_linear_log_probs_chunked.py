@@ -1,0 +1,179 @@
+"""Tests of the chunked path of linear_log_probs (lmfuse.ops._llp_chunked).
+
+The path computes per-token log-probs chunk by chunk with ATen GEMMs and recomputes each chunk's
+logits in the backward (the upstream gradient is a vector, so no gradient can be formed in the
+forward). Every result is compared with the float64 reference of the op; bfloat16 / float16 results
+must be within a small multiple of eager PyTorch's own error in the same dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmfuse.ops import _lce_chunked, _llp_chunked
+from lmfuse.ops.linear_cross_entropy import linear_log_probs, log_probs_reference
+from lmfuse.testing import rel_error
+
+N, V, H = 37, 1003, 48
+IGN = -100
+
+OPTIONS = [
+    {},
+    dict(temperature=0.7),
+    dict(softcap=3.0, temperature=1.3),
+    dict(vocab_size=990),
+]
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def chunked(request, monkeypatch):
+    """Force the path with a workspace of a few rows (N = 37 spans several chunks), once with the
+    chunk's softmax work in the C++ kernel (the CPU default) and once in PyTorch."""
+    monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
+    if request.param == "torch":
+        monkeypatch.setattr(_llp_chunked, "fused_cpu", lambda h2: False)
+        monkeypatch.setattr(_lce_chunked, "fused_cpu", lambda h2: False)
+    else:
+        assert _llp_chunked.fused_cpu(torch.empty(1, 1))
+    monkeypatch.setattr(_lce_chunked, "WORKSPACE_BYTES", 4 * 1024 * 5)  # 5 rows (float32) / 10 (16-bit) per chunk
+    return request.param
+
+
+def _data(seed, bias=False, vocab_size=V):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    t = torch.randint(0, vocab_size, (N,), generator=g)
+    t[::5] = IGN
+    up = torch.randn(N, generator=g, dtype=torch.float64)  # random upstream gradient per token
+    return h, w, b, t, up
+
+
+def _leaves(tensors, dtype):
+    return [None if x is None else x.detach().to(dtype).requires_grad_() for x in tensors]
+
+
+def _run(fn, h, w, b, t, up, **kw):
+    out = fn(h, w, t, bias=b, **kw)
+    ins = [x for x in (h, w, b) if x is not None]
+    grads = torch.autograd.grad((out * up.to(out.dtype)).sum(), ins)
+    return out.detach(), grads
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = _llp_chunked.log_probs
+    monkeypatch.setattr(_llp_chunked, "log_probs", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+def test_float32_matches_float64_reference(chunked, monkeypatch, bias, opts):
+    h, w, b, t, up = _data(1, bias, opts.get("vocab_size", V))
+    ref, ref_grads = _run(log_probs_reference, *_leaves((h, w, b), torch.float64), t, up, **opts)
+    calls = _spy(monkeypatch)
+    out, grads = _run(linear_log_probs, *_leaves((h, w, b), torch.float32), t, up, **opts)
+    assert calls
+    assert out.dtype == torch.float32 and out.shape == (N,)
+    assert torch.equal(out[::5], torch.zeros_like(out[::5])) and not torch.signbit(out[::5]).any()
+    assert rel_error(out, ref) < 1e-5
+    for name, gx, gr in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert gx.shape == gr.shape and torch.isfinite(gx).all(), name
+        assert rel_error(gx, gr) < 2e-5, (name, rel_error(gx, gr))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_a_small_multiple_of_eager(chunked, monkeypatch, dtype):
+    h, w, b, t, up = _data(2, True)
+    ref, ref_grads = _run(log_probs_reference, *_leaves((h, w, b), torch.float64), t, up, softcap=4.0)
+
+    def eager(h, w, t, bias=None, softcap=None):
+        z = torch.nn.functional.linear(h, w, bias).float()
+        z = softcap * torch.tanh(z / softcap)
+        lp = torch.log_softmax(z, -1).gather(-1, t.clamp(min=0)[:, None])[:, 0]
+        return lp.masked_fill(t == IGN, 0.0)
+
+    e_out, e_grads = _run(eager, *_leaves((h, w, b), dtype), t, up, softcap=4.0)
+    calls = _spy(monkeypatch)
+    out, grads = _run(linear_log_probs, *_leaves((h, w, b), dtype), t, up, softcap=4.0)
+    assert calls
+    assert rel_error(out, ref) <= 2 * rel_error(e_out, ref) + 1e-6
+    for name, gx, ge, gr in zip(("hidden", "weight", "bias"), grads, e_grads, ref_grads):
+        assert gx.dtype == dtype
+        assert rel_error(gx, gr) <= 2 * rel_error(ge, gr) + 1e-6, (name, rel_error(gx, gr), rel_error(ge, gr))
+
+
+def test_frozen_weight_and_all_ignored(chunked):
+    h, w, _, t, up = _data(3)
+    hh = _leaves((h,), torch.float32)[0]
+    ww = w.float()  # frozen head: no weight gradient is computed
+    out = linear_log_probs(hh, ww, t)
+    (out * up.float()).sum().backward()
+    rh = h.clone().requires_grad_()
+    (log_probs_reference(rh, w, t) * up).sum().backward()
+    assert ww.grad is None and rel_error(hh.grad, rh.grad) < 2e-5
+    # all ignored: zeros and zero gradients, no NaN
+    hh = _leaves((h,), torch.float32)[0]
+    wq = _leaves((w,), torch.float32)[0]
+    none = torch.full_like(t, IGN)
+    out = linear_log_probs(hh, wq, none)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(N)) and torch.equal(hh.grad, torch.zeros_like(hh))
+    assert torch.equal(wq.grad, torch.zeros_like(wq))
+
+
+def test_path_is_taken_and_not_taken(monkeypatch):
+    """The static rule: CPU float32 / bfloat16 with a gradient wanted, no entropy / argmax; forced
+    on / off by LMFUSE_LCE_CHUNKED; a forced backend keeps its own path."""
+    calls = _spy(monkeypatch)
+    monkeypatch.delenv("LMFUSE_LCE_CHUNKED", raising=False)
+    monkeypatch.delenv("LMFUSE_BACKEND", raising=False)
+    h, w, _, t, _ = _data(4)
+    for dt in (torch.float32, torch.bfloat16):
+        hh, ww = _leaves((h, w), dt)
+        linear_log_probs(hh, ww, t)
+    assert len(calls) == 2
+    hh, ww = _leaves((h, w), torch.float32)
+    linear_log_probs(hh, ww, t, return_entropy=True)
+    linear_log_probs(hh, ww, t, return_argmax=True)
+    with torch.no_grad():
+        linear_log_probs(hh, ww, t)
+    linear_log_probs(hh.detach(), ww.detach(), t)
+    linear_log_probs(*_leaves((h, w), torch.float16), t)  # float16 on CPU: the cpp path by default
+    assert len(calls) == 2
+    monkeypatch.setenv("LMFUSE_BACKEND", "reference")
+    linear_log_probs(hh, ww, t)
+    monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "0")
+    monkeypatch.delenv("LMFUSE_BACKEND")
+    linear_log_probs(hh, ww, t)
+    assert len(calls) == 2
+    monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
+    linear_log_probs(*_leaves((h, w), torch.float16), t)
+    with torch.no_grad():
+        linear_log_probs(hh, ww, t)
+    assert len(calls) == 4
+
+
+def test_opcheck():
+    h, w, b, t, up = _data(5, True)
+    hh, ww, bb = _leaves((h, w, b), torch.float32)
+    torch.library.opcheck(torch.ops.lmfuse.llp_chunked.default, (hh, ww, bb, t, V, IGN, 0.8, 3.0))
+    torch.library.opcheck(torch.ops.lmfuse.llp_chunked.default, (hh, ww, None, t.clamp(0, 899), 900, IGN, 1.0, None))
+    torch.library.opcheck(torch.ops.lmfuse.llp_chunked_backward.default,
+                          (up.float(), hh.detach(), ww.detach(), bb.detach(), t, V, IGN, 0.8, 3.0, [True, True, True]))
+
+
+def test_compile_fullgraph_matches_eager(chunked, monkeypatch):
+    h, w, b, t, up = _data(6, True)
+    fn = torch.compile(lambda h, w, b, t: linear_log_probs(h, w, t, bias=b, softcap=5.0, temperature=0.9),
+                       fullgraph=True, backend="aot_eager")
+    a = _leaves((h, w, b), torch.float32)
+    c = _leaves((h, w, b), torch.float32)
+    out_a, grads_a = _run(lambda h, w, t, bias=None: fn(h, w, bias, t), a[0], a[1], a[2], t, up)
+    out_c, grads_c = _run(linear_log_probs, c[0], c[1], c[2], t, up, softcap=5.0, temperature=0.9)
+    torch.testing.assert_close(out_a, out_c, rtol=1e-6, atol=1e-6)
+    for x, y in zip(grads_a, grads_c):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
