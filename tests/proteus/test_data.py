@@ -108,6 +108,21 @@ def test_survival_roles(tmp_path):
     assert ds.column("patient").role == "id"
 
 
+def test_ignore_marked_columns_are_not_analysed(tmp_path):
+    W = pd.DataFrame({"id": ["a", "b", "c"], **{f"s{i}": [20.0 + i, 21.0, 19.0] for i in range(8)}})
+    W.to_csv(tmp_path / "w.tsv", sep="\t", index=False)
+    meta = pd.DataFrame({"sample": [f"s{i}" for i in range(8)], "_IGNORE_site": ["x", "y"] * 4,
+                         "_ignore_BMI": np.arange(8) * 1.5 + 20, "disease": ["a"] * 4 + ["b"] * 4,
+                         "BMI": np.arange(8) * 1.1 + 18})
+    meta.to_csv(tmp_path / "m.csv", index=False)
+    ds = load(tmp_path / "w.tsv", tmp_path / "m.csv")
+    assert ds.column("_IGNORE_site").role == "other" and ds.column("_ignore_BMI").role == "other"
+    prof = ds.profile()
+    assert prof.numeric_covariates == ["BMI"] and ds.column("disease").role == "group"
+    assert load(tmp_path / "w.tsv", tmp_path / "m.csv", roles={"_ignore_BMI": "covariate"}).profile() \
+        .numeric_covariates == ["_ignore_BMI", "BMI"]
+
+
 def test_malformed_inputs_name_file_row_column(tmp_path):
     rng, _ = test_rng()
     samples = ["s1", "s2", "s3", "s4", "s5", "s6"]

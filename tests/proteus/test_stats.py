@@ -345,10 +345,13 @@ def test_cox_score_test_against_logrank_and_the_partial_likelihood():
     X = rng.standard_normal((4, n))
     X[1, rng.random(n) < 0.3] = np.nan
     chi2, _ = S.cox_score_test(X, tt, e)
+    scores = S.logrank_scores(tt, e)
     for k in range(4):
         m = ~np.isnan(X[k])
         U, I = _breslow_score_by_differences(X[k, m], tt[m], e[m])
         np.testing.assert_allclose(chi2[k], U * U / I, rtol=1e-5)
+        if m.all():  # the log-rank scores give the same U for a complete row
+            np.testing.assert_allclose(X[k] @ scores, U, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="X must be"):
         S.cox_score_test(X[:, :-1], tt, e)
 

@@ -83,6 +83,7 @@ def _fwd_op(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
         e = min(N, s + rows)
         u = _logits(hidden2d[s:e], wv, bv)
         out[s:e] = _chunk(u, target[s:e], zero[s:e], ignore_index, scale, softcap, vocab_size, False, fused)
+        del u  # before the next chunk's block is allocated
     return out.neg_().add_(0.0)  # log p = −ℓ; + 0 turns the −0 of ignored rows into 0
 
 

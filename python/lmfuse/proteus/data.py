@@ -632,6 +632,9 @@ def _norm_level(v) -> str:
 def infer_roles(columns: Mapping[str, Column]) -> dict[str, str]:
     """Role per column, by these rules (first match wins, per column):
 
+    0. ``other``: a name starting with ``_IGNORE_`` (any case), the marker some metadata exports
+       (e.g. Clinical Knowledge Graph / AlphaPeptStats tables) put on columns not meant for
+       analysis; override with :meth:`ProteomicsDataset.with_roles` to use one.
     1. ``id``: categorical with a distinct value per sample, or a name matching subject/patient/donor
        (then ``subject`` when values repeat).
     2. ``time``: numeric, name matches time/survival/OS/PFS/months/days/follow-up, and an
@@ -649,7 +652,9 @@ def infer_roles(columns: Mapping[str, Column]) -> dict[str, str]:
     events = [k for k, c in columns.items() if c.kind == "binary" and _EVENT_RE.search(k)]
     for k, c in columns.items():
         distinct = len({v for v in c.values if v is not None}) if c.kind != "numeric" else 0
-        if _SUBJECT_RE.search(k) and c.kind != "numeric":
+        if k.upper().startswith("_IGNORE_"):
+            roles[k] = "other"
+        elif _SUBJECT_RE.search(k) and c.kind != "numeric":
             roles[k] = "id" if distinct == n else "subject"
         elif c.kind != "numeric" and distinct == n and n > MAX_GROUP_LEVELS:
             roles[k] = "id"

@@ -385,7 +385,7 @@ class Engine:
             # small p-values over-rejects on a null cohort: the tool's permutation test decides
             # (the same for correlate_clinical below)
             gates.append(G.permutation_global_gate(
-                d.get("global_permutation_p"), "max Cox score statistic vs permuted (time, event) pairs"))
+                d.get("global_permutation_p"), "max |r| of proteins with the log-rank scores vs permuted (time, event) pairs"))
             php = d.get("ph_min_p")
             if php is not None:  # per hit: a hit that fails it is left out of the evidence (extract_evidence)
                 gates.append(G.Gate("proportional_hazards", _num(php), f"min Schoenfeld p > {G.MIN_PH_P}",

@@ -10,7 +10,7 @@ from .multitest import bh
 from .preprocess import (impute_knn, impute_minprob, log2_transform, median_normalize, quantile_normalize,
                          valid_value_mask)
 from .survival import (concordance_index, cox_fit, cox_global_permutation_p, cox_score_test, kaplan_meier, logrank,
-                       median_survival, ph_test)
+                       logrank_scores, median_survival, ph_test)
 from .tests import mann_whitney, welch
 
 __all__ = [n for n in dir() if not n.startswith("_")]

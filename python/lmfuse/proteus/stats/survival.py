@@ -256,40 +256,36 @@ def cox_score_test(X, time, event) -> tuple[np.ndarray, np.ndarray]:
     return chi2, stats.chi2.sf(chi2, 1)
 
 
+def logrank_scores(time, event) -> np.ndarray:
+    """Log-rank scores (null martingale residuals) ``e_j − Λ(t_j)`` [n], ``Λ`` the Nelson–Aalen
+    cumulative hazard (ties: all samples with time t_j at risk at t_j). For a covariate x with
+    no missing values, Σ_j x_j·score_j is the Cox score U(0) with Breslow ties."""
+    t, e = _check(time, event)
+    ut, inv = np.unique(t, return_inverse=True)
+    d = np.bincount(inv, weights=e.astype(np.float64), minlength=ut.size)
+    at_risk = np.cumsum(np.bincount(inv, minlength=ut.size)[::-1])[::-1]
+    return e.astype(np.float64) - np.cumsum(d / at_risk)[inv]
+
+
 def cox_global_permutation_p(X, time, event, *, n_perm: int = 999, seed: int = 0,
                              stop_after: int = 10) -> tuple[float, float]:
     """Permutation test of the global null "no row of ``X`` is associated with survival".
 
-    ``X`` [P, n] (NaN = missing; each row uses its observed samples), ``time``, ``event`` [n].
-    The statistic is the largest per-row Cox score statistic (beta = 0, Breslow ties); its null
-    distribution comes from ``n_perm`` random permutations of the samples' (time, event) pairs
-    against the columns of ``X``, which keep the correlation between rows. Per-row p-values are
-    correlated through shared factors (batch, latent biology), so a count of small p-values
-    against a binomial, which assumes independence, over-rejects; this test does not.
-    Returns ``(p, observed statistic)`` with ``p = (1 + #{perm >= observed}) / (n_perm + 1)``
-    (at least ``1 / (n_perm + 1)``), or, once ``stop_after`` permutations have reached the
-    observed value after ``b`` permutations, the sequential estimate ``stop_after / b`` (Besag and
-    Clifford): a clearly null result costs a few dozen permutations, not ``n_perm``. Work per
-    permutation is O(P·n); permutations are batched within about 4 M array elements."""
+    ``X`` [P, n] (NaN = missing), ``time``, ``event`` [n]. The statistic is the largest |Pearson r|
+    between a row (over its observed samples) and the samples' log-rank scores
+    (:func:`logrank_scores`); for a complete row, r² is proportional to the row's Cox score
+    statistic with the permutation variance. Its null distribution comes from permuting the
+    samples' (time, event) pairs, i.e. their scores, against the columns of ``X``; rows stay
+    together, so their correlation through shared factors (batch, latent biology) is kept. (A count
+    of small per-row p-values against a binomial assumes independent rows and over-rejects.) The
+    permutations are matrix products, ``O(P·n)`` each; see
+    :func:`lmfuse.proteus.stats.correlation.correlation_global_permutation_p` for the p-value and
+    the sequential stop. Returns ``(p, observed max |r|)``."""
+    from .correlation import correlation_global_permutation_p
+
     t, e = _check(time, event)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != t.size:
         raise ValueError(f"X must be [P, n] with n = {t.size} samples, got {X.shape}")
-    if n_perm < 1 or stop_after < 1:
-        raise ValueError(f"n_perm and stop_after must be >= 1, got {n_perm} and {stop_after}")
-    order, ev, first = _time_order(t, e)
-    Xc, M = _centred(X)
-    obs = float(_score_chi2(Xc[:, order], M[:, order], ev, first).max(initial=0.0))
-    rng = np.random.default_rng(seed)
-    chunk = int(max(1, min(64, 4_000_000 // max(1, X.size))))
-    exceed = done = 0
-    while done < n_perm:
-        b = min(chunk, n_perm - done)
-        perms = np.stack([rng.permutation(t.size) for _ in range(b)])  # [b, n]: the column in each time slot
-        stat = _score_chi2(Xc[:, perms].transpose(1, 0, 2), M[:, perms].transpose(1, 0, 2), ev, first).max(-1)
-        hits = np.flatnonzero(stat >= obs - 1e-12 * max(1.0, obs))
-        if exceed + hits.size >= stop_after:
-            return stop_after / (done + int(hits[stop_after - exceed - 1]) + 1), obs
-        exceed += hits.size
-        done += b
-    return (1 + exceed) / (n_perm + 1), obs
+    return correlation_global_permutation_p(X, logrank_scores(t, e), "pearson", n_perm=n_perm, seed=seed,
+                                            stop_after=stop_after)

@@ -90,8 +90,9 @@ def survival_cox(ds: ProteomicsDataset, a: CoxArgs, ctx: ToolContext) -> ToolRes
         ph[x.protein] = ph_test(xi, t[ok][m], e[ok][m], x.log_hr)[1]
     tab["ph_p"] = tab.protein.map(ph)
     n_ev = int(e[ok].sum())
-    # the step's global test (the engine's gate): max score statistic against permutations of the
-    # (time, event) pairs, which keep the correlation between proteins (covariates not included)
+    # the step's global test (the engine's gate): max |r| of the proteins with the log-rank scores
+    # against permutations of the (time, event) pairs, which keep the correlation between proteins
+    # (covariates not included)
     gp, gstat = (cox_global_permutation_p(X[test], t[ok], e[ok], seed=ctx.seed) if n_ev >= 2 and test.any()
                  else (float("nan"), float("nan")))
     r = ToolResult(tool="survival_cox", args=a.model_dump(), tables={"cox": tab}, findings=findings,
@@ -101,7 +102,7 @@ def survival_cox(ds: ProteomicsDataset, a: CoxArgs, ctx: ToolContext) -> ToolRes
                    diagnostics={"n_samples": int(ok.sum()), "n_events": n_ev, "time_column": cols["time"],
                                 "event_column": cols["event"], "not_converged": nconv,
                                 "ph_min_p": min(ph.values()) if ph else None,
-                                "global_permutation_p": gp, "global_max_score_chi2": gstat})
+                                "global_permutation_p": gp, "global_max_abs_r": gstat})
     if n_ev < 10:
         r.warnings.append(f"only {n_ev} events")
     return r
