@@ -145,6 +145,26 @@ def test_rows_have_every_column_and_sane_derived_metrics(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
+def test_plot_keeps_ops_that_share_a_shape_apart(tmp_path, monkeypatch):
+    """A bench module that measures two ops on the same shapes (a loss and its log-probs): every
+    (op, shape, dtype) gets its own bar group, so no op's bar hides behind the other's."""
+    import dataclasses
+
+    import matplotlib.axes
+
+    ms = run_case(_case([_matmul_provider("slow"), _matmul_provider("fast")]), FAST)
+    both = list(ms) + [dataclasses.replace(m, op="toy_logp") for m in ms]
+    groups = []
+    real = matplotlib.axes.Axes.set_xticklabels
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticklabels",
+                        lambda self, labels, **kw: (groups.append(list(labels)), real(self, labels, **kw))[1])
+    plot_op(both, tmp_path / "two.png")
+    assert groups and all(len(g) == 2 and g[0].startswith(ms[0].op) and g[1].startswith("toy_logp") for g in groups)
+    groups.clear()
+    plot_op(ms, tmp_path / "one.png")
+    assert groups and all(len(g) == 1 and not g[0].startswith(ms[0].op) for g in groups)
+
+
 def test_plot_refuses_when_nothing_ran(tmp_path):
     ms = run_case(_case([Provider("missing", _unavailable)]), FAST)
     with pytest.raises(ValueError):

@@ -17,8 +17,10 @@ from .harness import MODES, Measurement
 from .timing import Ceilings, roofline_ms
 
 
-def _label(m: Measurement) -> str:
-    return f"{m.shape}\n{m.dtype}"
+def _label(m: Measurement, with_op: bool = False) -> str:
+    """The bar group of a measurement: its shape and dtype, and its op when one bench module
+    measured several ops (which may share shapes, e.g. a loss and its log-probs)."""
+    return f"{m.op}\n{m.shape}\n{m.dtype}" if with_op else f"{m.shape}\n{m.dtype}"
 
 
 def plot_op(measurements: Sequence[Measurement], path: str | os.PathLike,
@@ -35,8 +37,11 @@ def plot_op(measurements: Sequence[Measurement], path: str | os.PathLike,
         raise ValueError("plot_op: no successful measurement to plot")
     modes = [mode for mode in MODES if any(m.mode == mode for m in ok)]
     providers = list(dict.fromkeys(m.provider for m in ok))
-    shapes = list(dict.fromkeys(_label(m) for m in ok))
-    index = {(m.mode, m.provider, _label(m)): m for m in ok}
+    ops = list(dict.fromkeys(m.op for m in ok))
+    multi = len(ops) > 1
+    shapes = list(dict.fromkeys(_label(m, multi) for m in ok))
+    index = {(m.mode, m.provider, _label(m, multi)): m for m in ok}
+    colors = {prov: f"C{j % 10}" for j, prov in enumerate(providers)}
 
     fig_w = max(6.0, 0.55 * len(shapes) * len(providers))
     fig, axes = plt.subplots(len(modes), 1, figsize=(fig_w, 3.6 * len(modes)), squeeze=False)
@@ -53,11 +58,12 @@ def plot_op(measurements: Sequence[Measurement], path: str | os.PathLike,
                 ys.append(t.median_ms)
                 lo.append(max(0.0, t.median_ms - t.p20_ms))
                 hi.append(max(0.0, t.p80_ms - t.median_ms))
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=prov)
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=prov, color=colors[prov])
         if ceilings is not None:
             labelled = False
             for i, shape in enumerate(shapes):
-                ref = next((m for m in ok if m.mode == mode and _label(m) == shape
+                ref = next((m for m in ok if m.mode == mode and _label(m, multi) == shape
                             and m.provider == m.baseline and m.flops is not None), None)
                 if ref is not None:
                     ax.hlines(roofline_ms(ref.flops, ref.nbytes, ceilings), i - 0.42, i + 0.42, colors="k",
@@ -67,9 +73,13 @@ def plot_op(measurements: Sequence[Measurement], path: str | os.PathLike,
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes, fontsize=7)
         ax.set_ylabel("ms per call (log)")
-        ax.set_title(f"{ok[0].op} — {mode}")
+        ax.set_title(f"{', '.join(ops)} — {mode}")
         ax.grid(axis="y", alpha=0.3, which="both")
-    axes[0, 0].legend(fontsize=7, loc="best")
+    handles = {}
+    for ax in axes[:, 0]:  # a provider absent from the first panel still gets its legend entry
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[0, 0].legend(handles.values(), handles.keys(), fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
