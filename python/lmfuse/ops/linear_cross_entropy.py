@@ -295,33 +295,21 @@ def _chunked_need(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> lis
     return [g and hidden.requires_grad, g and weight.requires_grad, g and bias is not None and bias.requires_grad]
 
 
-def _takes_chunked(h2: Tensor, need: list[bool]) -> bool:
-    """Static rule for scalar reductions without ``return_lse``: the gradient-in-forward path on CPU
-    for bfloat16 when a gradient is needed (``auto``), for every kernel dtype on any device when
-    forced on, never when off."""
+def _takes_chunked(h2: Tensor, need: list[bool], default_dtypes: tuple = _CHUNKED_DEFAULT_DTYPES) -> bool:
+    """Static rule for the chunked paths (scalar cross-entropy reductions without ``return_lse``;
+    log-probs without entropy / argmax): on CPU for ``default_dtypes`` when a gradient is needed
+    (``auto``), for every kernel dtype on any device when forced on, never when off."""
     if h2.dtype not in _CHUNKED_DTYPES:
         return False
     mode = _chunked_mode()
     if mode == "on":
         return True
-    return mode == "auto" and h2.device.type == "cpu" and h2.dtype in _CHUNKED_DEFAULT_DTYPES and any(need)
+    return mode == "auto" and h2.device.type == "cpu" and h2.dtype in default_dtypes and any(need)
 
 
 # Where linear_log_probs takes its chunked path by default (CPU training): float32 and bfloat16,
 # where ATen's GEMMs plus the in-place softmax kernel measured faster than the cpp kernels.
 _LOGP_CHUNKED_DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _logp_takes_chunked(h2: Tensor, need: list[bool]) -> bool:
-    """Static rule for linear_log_probs without entropy / argmax: the chunked path on CPU for
-    float32 / bfloat16 when a gradient is needed (``auto``), for every kernel dtype on any device
-    when forced on (``LMFUSE_LCE_CHUNKED=1``), never when off or when a backend is forced."""
-    if h2.dtype not in _CHUNKED_DTYPES:
-        return False
-    mode = _chunked_mode()
-    if mode == "on":
-        return True
-    return mode == "auto" and h2.device.type == "cpu" and h2.dtype in _LOGP_CHUNKED_DEFAULT_DTYPES and any(need)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -418,7 +406,8 @@ def linear_log_probs(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Op
     vs = _validate(hidden, weight, target, bias, ignore_index, softcap, vocab_size, None)
     temp = _check_number("temperature", temperature, positive=True)
     h2, t2 = _flat(hidden, target)
-    if not return_entropy and not return_argmax and _logp_takes_chunked(h2, _chunked_need(hidden, weight, bias)):
+    need = _chunked_need(hidden, weight, bias)
+    if not return_entropy and not return_argmax and _takes_chunked(h2, need, _LOGP_CHUNKED_DEFAULT_DTYPES):
         logp = _llp_chunked.log_probs(h2, weight, bias, t2, vs, ignore_index, 1.0 / temp,
                                       None if softcap is None else float(softcap))
         return logp.reshape(target.shape)
