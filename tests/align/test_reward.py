@@ -150,7 +150,7 @@ def test_reward_trainer_learns_a_synthetic_preference(tmp_path):
     train, held_out = _pairs(64, good, bad), _pairs(48, good, bad)
     before = pairwise_accuracy(rm, held_out)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=16,
-                             learning_rate=5e-3, num_train_epochs=3, logging_steps=4, report_to=[], use_cpu=True,
+                             learning_rate=5e-3, num_train_epochs=6, logging_steps=4, report_to=[], use_cpu=True,
                              save_strategy="no", disable_tqdm=True)
     trainer = RewardTrainer(rm, args, train_dataset=train, eval_dataset=held_out)
     trainer.train()
