@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
+from lmfuse.bench import Case, Provider, Workload, training_model
 from lmfuse.bench.timing import status_mib
 
 OP = "ift_step"
@@ -54,19 +54,7 @@ class _Inputs:
             B, T, name = SHAPES[self.scale]
             if self.shape is not None:
                 B, T = self.shape
-            if name == "smollm2-135m":
-                from lmfuse.models import load_bundled_model
-                try:
-                    model, _ = load_bundled_model(with_tokenizer=False)
-                except FileNotFoundError as e:
-                    raise ProviderUnavailable(f"bundled model unavailable: {e}") from e
-            else:
-                from transformers import LlamaConfig, LlamaForCausalLM
-                torch.manual_seed(0)
-                model = LlamaForCausalLM(LlamaConfig(
-                    vocab_size=1003, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-            model = model.to(self.device).train()
+            model = training_model(name, self.device)
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(self.device)
             labels = ids.clone()

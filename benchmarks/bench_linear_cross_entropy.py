@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload, forced_backend_workload
+from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload, forced_backend_workload, training_model
 from lmfuse.bench.harness import working_set_note
 from lmfuse.bench.timing import extra_memory_mib
 
@@ -259,19 +259,7 @@ class _TrainInputs:
     def get(self):
         if self._m is None:
             B, T = self.spec.N // self.spec.seq, self.spec.seq
-            if self.spec.model == "smollm2-135m":
-                from lmfuse.models import load_bundled_model
-                try:
-                    model, _ = load_bundled_model(with_tokenizer=False)
-                except FileNotFoundError as e:
-                    raise ProviderUnavailable(f"bundled model unavailable: {e}") from e
-            else:
-                from transformers import LlamaConfig, LlamaForCausalLM
-                torch.manual_seed(0)
-                model = LlamaForCausalLM(LlamaConfig(
-                    vocab_size=1003, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-            model = model.to(self.device).train()
+            model = training_model(self.spec.model, self.device)
             ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
             self._m = (model, ids.to(self.device))
         return self._m

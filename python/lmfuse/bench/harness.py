@@ -268,3 +268,24 @@ def describe_ceilings(c: Ceilings) -> str:
     """One line for the terminal."""
     return (f"ceilings: copy {c.bandwidth_gbs:.1f} GB/s ({c.copy_bytes / 2**20:.0f} MiB moved), "
             f"{c.matmul_dtype} matmul {c.matmul_tflops:.3f} TFLOP/s (n={c.matmul_n})")
+
+
+def training_model(name: str, device: torch.device):
+    """A causal LM in train mode for model-level benchmark cases: ``"smollm2-135m"`` (the bundled
+    model; :class:`ProviderUnavailable` when it is not installed) or ``"tiny-llama"`` (2 layers,
+    hidden 48, vocabulary 1003, seeded)."""
+    if name == "smollm2-135m":
+        from ..models import load_bundled_model
+        try:
+            model, _ = load_bundled_model(with_tokenizer=False)
+        except FileNotFoundError as e:
+            raise ProviderUnavailable(f"bundled model unavailable: {e}") from e
+    elif name == "tiny-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=1003, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    else:
+        raise ValueError(f"training_model: name must be 'smollm2-135m' or 'tiny-llama', got {name!r}")
+    return model.to(device).train()
