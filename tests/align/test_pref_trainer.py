@@ -164,6 +164,151 @@ def test_sigmoid_ignores_label_smoothing_as_trl_1x(trl_pair):
     assert torch.equal(a, b)
 
 
+@pytest.fixture(scope="module")
+def trl_wpo_pair(tmp_path_factory):
+    """As ``trl_pair``, both trainers built with WPO weighting (TRL only computes the per-token
+    ``log Σ p²`` when ``use_weighting`` is set at construction). The answers are 1-8 tokens and
+    the pair's weight spans orders of magnitude, so a wrong weight cannot hide in the tolerance."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    policy = _llama(seed)
+    ref = _perturbed(policy, g)
+    rows = [{"prompt": _sentence(g, 1, 4), "chosen": " " + _sentence(g, 1, 8), "rejected": " " + _sentence(g, 1, 8)}
+            for _ in range(6)]
+    out = tmp_path_factory.mktemp("trl-wpo")
+    theirs = trl.DPOTrainer(copy.deepcopy(policy), copy.deepcopy(ref), train_dataset=Dataset.from_list(rows),
+                            processing_class=_tokenizer(),
+                            args=trl.DPOConfig(output_dir=str(out / "trl"), beta=0.5, use_cpu=True, bf16=False,
+                                               gradient_checkpointing=False, report_to=[], disable_tqdm=True,
+                                               use_weighting=True))
+    ours = PreferenceTrainer(copy.deepcopy(policy), copy.deepcopy(ref), train_dataset=rows,
+                             processing_class=_tokenizer(), args=_config(out / "ours", beta=0.5, use_weighting=True))
+    batch_t = theirs.data_collator([theirs.train_dataset[i] for i in range(6)])
+    batch_o = ours.data_collator([ours.train_dataset[i] for i in range(6)])
+    return theirs, ours, batch_t, batch_o
+
+
+def _compare_with_trl(theirs, ours, batch_t, batch_o, label):
+    for t in (theirs, ours):
+        t.model.zero_grad(set_to_none=True)
+        t._metrics["train"].clear()
+        t.model.train()
+    want = theirs.compute_loss(theirs.model, batch_t)
+    got = ours.compute_loss(ours.model, batch_o)
+    want.backward()
+    got.backward()
+    assert_close_to_reference(got, want.double(), FP32, f"{label} loss", factor=2)
+    gt, go = _grads(theirs.model), _grads(ours.model)
+    assert set(gt) == set(go) and len(go) > 0
+    for n in gt:
+        assert_close_to_reference(go[n], gt[n].double(), FP32, f"{label} grad {n}", factor=2)
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+        a, b = theirs._metrics["train"][key][-1], ours._metrics["train"][key][-1]
+        assert abs(a - b) <= 4e-5 * (1 + abs(a)), (key, a, b)
+    return got
+
+
+# "sft" and "hinge" are left out: TRL 1.16 raises on them with use_weighting (it multiplies the
+# per-pair loss in place: an expanded tensor for sft, a ReLU output autograd needs for hinge);
+# ours are checked against the closed form in test_preference_losses.py.
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid_norm", "bco_pair", "robust", "apo_zero", "nca_pair",
+                                       "sigmoid+ipo"])
+def test_wpo_weighting_equals_trl_dpotrainer(trl_wpo_pair, loss_type):
+    theirs, ours, batch_t, batch_o = trl_wpo_pair
+    types, weights = (["sigmoid", "ipo"], [0.8, 0.2]) if loss_type == "sigmoid+ipo" else ([loss_type], [1.0])
+    theirs.loss_types, theirs.loss_weights = types, weights
+    ours.args.loss_type, ours.args.loss_weights = types, weights
+    weighted = _compare_with_trl(theirs, ours, batch_t, batch_o, f"wpo {loss_type}")
+    with torch.no_grad():
+        ours.args.use_weighting = False
+        plain = ours.compute_loss(ours.model, batch_o)
+        ours.args.use_weighting = True
+    assert abs(float(weighted.detach()) - float(plain)) > 1e-3 * abs(float(plain))  # the weights did something
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.5])
+def test_ld_alpha_equals_trl_dpotrainer(trl_wpo_pair, ld_alpha):
+    theirs, ours, batch_t, batch_o = trl_wpo_pair
+    theirs.loss_types, theirs.loss_weights, theirs.use_weighting, theirs.ld_alpha = ["sigmoid"], [1.0], False, ld_alpha
+    ours.args.loss_type, ours.args.loss_weights, ours.args.use_weighting = ["sigmoid"], None, False
+    ours.args.ld_alpha = ld_alpha
+    try:
+        _compare_with_trl(theirs, ours, batch_t, batch_o, f"ld_alpha={ld_alpha}")
+        # the answers differ in length, so the tail matters: LD-DPO's scores differ from plain sums
+        with torch.no_grad():
+            c, r, nc, nr = preference_log_probs(ours.model, batch_o, ld_alpha=ld_alpha)
+            c1, r1, _, _ = preference_log_probs(ours.model, batch_o)
+        longer = torch.cat([nc > nr, nr > nc])
+        assert longer.any()
+        assert not torch.allclose(torch.cat([c, r])[longer], torch.cat([c1, r1])[longer])
+        assert torch.allclose(torch.cat([c, r])[~longer], torch.cat([c1, r1])[~longer])
+    finally:
+        theirs.ld_alpha, theirs.use_weighting, ours.args.ld_alpha, ours.args.use_weighting = None, True, None, True
+
+
+def test_sequence_log_sum_sq_equals_full_logits():
+    """``sequence_log_probs(..., return_log_sum_sq=True)``: ``log Σ p²`` from the doubled-logit
+    trick equals the full softmax's, with and without a softcap."""
+    from lmfuse.losses import sequence_log_probs
+
+    torch.manual_seed(3)
+    for softcap in (None, 3.0):
+        m = _llama(5)
+        m.config.final_logit_softcapping = softcap
+        ids = torch.randint(2, len(WORDS), (3, 9))
+        att = torch.ones_like(ids)
+        att[1, :2] = 0
+        comp = torch.zeros_like(ids)
+        comp[:, 4:] = 1
+        out = sequence_log_probs(m, ids, att, comp, return_log_sum_sq=True)
+        with torch.no_grad():
+            pos = (att.cumsum(-1) - 1).clamp(min=0)
+            z = m(ids, attention_mask=att, position_ids=pos).logits.double()
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            want = torch.logsumexp(2 * torch.log_softmax(z, -1), -1)[:, :-1]
+        counted = (comp.bool() & att.bool())[:, 1:]
+        got = out.token_log_sum_sq[:, 1:]
+        assert not out.token_log_sum_sq.requires_grad
+        assert torch.all(got[~counted] == 0)
+        assert_close_to_reference(got[counted], want[counted], FP32, f"log_sum_sq softcap={softcap}", factor=4)
+
+
+def test_sync_ref_model_mixes_the_policy_into_the_reference(tmp_path):
+    """TR-DPO: after every ``ref_model_sync_steps``-th step, ref ← α·policy + (1 − α)·ref, recomputed
+    here from the policy's parameters recorded after each step."""
+    from transformers import TrainerCallback
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    policy = _llama(7)
+    ref = _perturbed(policy, g)
+    ref0 = copy.deepcopy(ref)
+    seen = []
+
+    class Record(TrainerCallback):  # the policy after each optimiser step
+        def on_step_end(self, args, state, control, model=None, **kw):
+            seen.append([p.detach().clone() for p in model.parameters()])
+
+    args = _config(tmp_path, beta=0.5, sync_ref_model=True, ref_model_mixup_alpha=0.6, ref_model_sync_steps=2,
+                   max_steps=4, per_device_train_batch_size=2, learning_rate=0.05, lr_scheduler_type="constant",
+                   optim="sgd", logging_steps=1)
+    trainer = PreferenceTrainer(policy, ref, train_dataset=_text_data(8, g), processing_class=_tokenizer(),
+                                args=args, callbacks=[Record()])
+    trainer.train()
+    assert len(seen) == 4
+    want = [p.detach().clone() for p in ref0.parameters()]
+    for step in (2, 4):
+        want = [0.4 * w + 0.6 * p for w, p in zip(want, seen[step - 1])]
+    got = list(trainer.ref_model.parameters())
+    for w, r in zip(want, got):
+        torch.testing.assert_close(r, w, rtol=1e-6, atol=1e-6)
+    moved = max(float((w - r0).abs().max()) for w, r0 in zip(got, ref0.parameters()))
+    assert moved > 1e-3
+
+
 def test_chat_collator_equals_trl_tokenization():
     trl = pytest.importorskip("trl")
     from datasets import Dataset
@@ -409,5 +554,19 @@ def test_bad_arguments():
                           processing_class=_tokenizer(), args=_config("/tmp/unused"))
     with pytest.raises(ValueError, match="tokenizer"):
         PreferenceCollator(0)([{"prompt": "a", "chosen": " cat", "rejected": " dog"}])
+    with pytest.raises(ValueError, match="ld_alpha"):
+        PreferenceConfig(output_dir="/tmp/unused", ld_alpha=1.5, use_cpu=True)
+    with pytest.raises(ValueError, match="use_weighting"):
+        PreferenceConfig(output_dir="/tmp/unused", use_weighting=True, loss_type="aot", use_cpu=True)
+    with pytest.raises(ValueError, match="sync_ref_model"):
+        PreferenceConfig(output_dir="/tmp/unused", sync_ref_model=True, precompute_ref_log_probs=True, use_cpu=True)
+    with pytest.raises(ValueError, match="ref_model_sync_steps"):
+        PreferenceConfig(output_dir="/tmp/unused", ref_model_sync_steps=0, use_cpu=True)
+    with pytest.raises(ValueError, match="sync_ref_model"):
+        PreferenceTrainer(_lora_policy(0, torch.Generator().manual_seed(0)), train_dataset=_text_data(2, torch.Generator()),
+                          processing_class=_tokenizer(), args=_config("/tmp/unused", sync_ref_model=True))
+    with pytest.raises(ValueError, match="sync_ref_model"):
+        PreferenceTrainer(_llama(0), _llama(0, layers=1), train_dataset=_text_data(2, torch.Generator()),
+                          processing_class=_tokenizer(), args=_config("/tmp/unused", sync_ref_model=True))
     with pytest.raises(ValueError, match="truncation_mode"):
         PreferenceCollator(0, truncation_mode="middle")

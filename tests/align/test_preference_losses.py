@@ -184,6 +184,37 @@ def test_weighted_list_of_types_is_the_weighted_sum():
     assert_close_to_reference(mean, (s1 + s2) / 13, F64, "mean of a list")
 
 
+def test_wpo_pair_weights_closed_form():
+    """WPO: each pair's loss (every type, including the batch-coupled sft and a list) times
+    ``exp(mean(logp − logΣp²))`` of the chosen times that of the rejected, weights detached."""
+    from lmfuse.align import wpo_weights
+
+    pc, pr, rc, rr, nc, nr = _inputs()
+    sc, sr = -torch.rand(13, dtype=F64) * nc, -torch.rand(13, dtype=F64) * nr  # Σ log Σp² ≤ 0
+    w = wpo_weights(pc, sc, nc, pr, sr, nr)
+    want_w = torch.tensor([math.exp((a - c) / n) * math.exp((b - d) / m)
+                           for a, b, c, d, n, m in zip(*(t.tolist() for t in (pc, pr, sc, sr, nc, nr)))], dtype=F64)
+    assert_close_to_reference(w, want_w, F64, "wpo weights")
+    assert float(w.max() / w.min()) > 10  # a wrong weight cannot hide
+    for t in ("sigmoid", "hinge", "sft", ["sigmoid", "sft"]):
+        kw = dict(loss_type=t, beta=0.3, chosen_lengths=nc, rejected_lengths=nr)
+        plain, _, _ = preference_loss(pc, pr, rc, rr, **kw)
+        pcg = pc.clone().requires_grad_(True)
+        weighted, _, _ = preference_loss(pcg, pr, rc, rr, pair_weights=wpo_weights(pcg, sc, nc, pr, sr, nr), **kw)
+        assert_close_to_reference(weighted, plain * want_w, F64, f"wpo {t}")
+        # the weights are constants: d(weighted)/d(pc) = w · d(plain)/d(pc)
+        (g,) = torch.autograd.grad(weighted.sum(), pcg)
+        pc2 = pc.clone().requires_grad_(True)
+        (g2,) = torch.autograd.grad((preference_loss(pc2, pr, rc, rr, **kw)[0] * want_w).sum(), pc2)
+        assert_close_to_reference(g, g2, F64, f"wpo grad {t}")
+    with pytest.raises(ValueError, match="pair_weights"):
+        preference_loss(pc, pr, rc, rr, loss_type="aot", pair_weights=want_w)
+    with pytest.raises(ValueError, match="pair_weights"):
+        preference_loss(pc, pr, rc, rr, pair_weights=want_w[:3])
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        wpo_weights(pc, sc, nc[:2], pr, sr, nr)
+
+
 @pytest.mark.parametrize("loss_type", P.PREFERENCE_LOSS_TYPES)
 def test_gradients_float64_gradcheck(loss_type):
     pc, pr, rc, rr, nc, nr = _inputs(B=5, low=-8, high=-1)

@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     # preference optimisation
     "PREFERENCE_LOSS_TYPES": "preference", "preference_loss": "preference", "kto_loss": "preference",
     "orpo_loss": "preference", "simpo_loss": "preference", "bt_loss": "preference",
+    "wpo_weights": "preference",
     "PreferenceConfig": "pref_trainer", "PreferenceTrainer": "pref_trainer", "PreferenceCollator": "pref_trainer",
     "preference_log_probs": "pref_trainer",
     # reward models

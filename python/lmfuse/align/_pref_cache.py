@@ -20,9 +20,14 @@ __all__ = ["data_fingerprint", "weights_fingerprint", "cache_path", "load_cached
 _FORMAT = 1
 
 
-def data_fingerprint(examples: list[dict], *, max_length: int | None, truncation_mode: str) -> str:
-    """SHA-256 of the tokenised examples (``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``) in order."""
-    h = hashlib.sha256(f"lmfuse-pref-data/{_FORMAT}/{max_length}/{truncation_mode}/{len(examples)}".encode())
+def data_fingerprint(examples: list[dict], *, max_length: int | None, truncation_mode: str,
+                     ld_alpha: float | None = None) -> str:
+    """SHA-256 of the tokenised examples (``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``) in order,
+    and of the settings that change their scores (truncation, LD-DPO's ``ld_alpha``)."""
+    head = f"lmfuse-pref-data/{_FORMAT}/{max_length}/{truncation_mode}/{len(examples)}"
+    if ld_alpha is not None:
+        head += f"/ld_alpha={float(ld_alpha)!r}"
+    h = hashlib.sha256(head.encode())
     for ex in examples:
         for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
             ids = torch.tensor(ex[k], dtype=torch.int64)

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lmfuse.losses import sequence_log_probs
 from lmfuse.losses._head import unwrap_model
 
 from . import _pref_cache as cache
 from ._pref_data import PreferenceCollator, tokenize_preference
-from .preference import F_DIVERGENCES, PREFERENCE_LOSS_TYPES, preference_loss
+from .preference import F_DIVERGENCES, PREFERENCE_LOSS_TYPES, preference_loss, wpo_weights
 
 __all__ = ["PreferenceConfig", "PreferenceTrainer", "PreferenceCollator", "preference_log_probs"]
 
@@ -44,6 +44,19 @@ class PreferenceConfig(TrainingArguments):
     score the training data with the reference once before training and cache the result in
     ``ref_cache_dir`` (default ``<output_dir>/ref_log_probs``), in batches of
     ``precompute_ref_batch_size`` (default ``per_device_train_batch_size``).
+
+    Options of TRL 1.16 with its names and defaults:
+
+    * ``ld_alpha`` (LD-DPO; None = off): each answer's score is the sum of its token log-probs
+      over the first ``min(len(chosen), len(rejected))`` completion tokens plus ``ld_alpha`` times
+      the sum over the rest (1.0 = plain DPO, 0.0 = the longer answer's tail ignored), for the
+      policy and the reference alike; in [0, 1].
+    * ``use_weighting`` (WPO): every pair's loss is multiplied by ``w_c · w_r``, each answer's
+      length-normalised probability ``exp(mean_t (log p(y_t) − log Σ_v p_v²))`` under the policy,
+      detached (:func:`lmfuse.align.wpo_weights`); not with ``aot`` / ``aot_unpaired``.
+    * ``sync_ref_model`` (TR-DPO): every ``ref_model_sync_steps`` optimiser steps the reference
+      becomes ``α·policy + (1 − α)·reference`` with ``α = ref_model_mixup_alpha``; needs a
+      separate reference model (not the adapter-off policy or precomputed log-probs).
     """
 
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
@@ -59,6 +72,11 @@ class PreferenceConfig(TrainingArguments):
     precompute_ref_log_probs: bool = False
     precompute_ref_batch_size: int | None = None
     ref_cache_dir: str | None = None
+    ld_alpha: float | None = None
+    use_weighting: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
     remove_unused_columns: bool = False
 
     def __post_init__(self):
@@ -74,19 +92,49 @@ class PreferenceConfig(TrainingArguments):
             raise ValueError(f"beta: expected a positive number, got {self.beta!r}")
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type: expected one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
+        if self.ld_alpha is not None and (isinstance(self.ld_alpha, bool) or not 0.0 <= self.ld_alpha <= 1.0):
+            raise ValueError(f"ld_alpha: expected None or a number in [0, 1], got {self.ld_alpha!r}")
+        sorting = [t for t in self.loss_type if t in ("aot", "aot_unpaired")]
+        if self.use_weighting and sorting:
+            raise ValueError(f"use_weighting: WPO weights are per pair and {sorting} sort the pairs; not supported")
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha: expected a number in [0, 1], got {self.ref_model_mixup_alpha!r}")
+        if isinstance(self.ref_model_sync_steps, bool) or not isinstance(self.ref_model_sync_steps, int) \
+                or self.ref_model_sync_steps < 1:
+            raise ValueError(f"ref_model_sync_steps: expected a positive integer, got {self.ref_model_sync_steps!r}")
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise ValueError("sync_ref_model: the reference changes during training, so its log-probs cannot be "
+                             "precomputed; set precompute_ref_log_probs=False")
 
 
-def preference_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]):
+def preference_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], *, ld_alpha: float | None = None):
     """Summed completion log-probs of a collated batch (:class:`PreferenceCollator` layout).
 
     Returns ``(chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B])``:
     fp32 sums over the completion tokens and the number of tokens counted, from
     :func:`lmfuse.losses.sequence_log_probs` (fused, no ``[2B, T, V]`` logits). Differentiable in
-    the model's parameters.
+    the model's parameters. ``ld_alpha``: LD-DPO's weight of the tokens past the shorter answer's
+    length (see :class:`PreferenceConfig`); None = plain sums.
     """
     out = sequence_log_probs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    chosen, rejected = out.logp_sum.chunk(2)
+    return _pair_log_probs(out, batch, ld_alpha)
+
+
+def _pair_log_probs(out, batch: dict[str, torch.Tensor], ld_alpha: float | None):
+    """``(chosen, rejected, n_chosen, n_rejected)`` of a ``[chosen; rejected]`` batch's
+    :class:`~lmfuse.losses.SequenceLogProbs`, with LD-DPO's down-weighted tail when ``ld_alpha`` is set."""
     nc, nr = out.n_tokens.chunk(2)
+    if ld_alpha is None:
+        logps = out.logp_sum
+    else:
+        # the tokens sequence_log_probs counted: completion, not padding, never position 0
+        counted = batch["completion_mask"].bool() & batch["attention_mask"].bool()
+        counted[:, 0] = False
+        position = counted.long().cumsum(-1)  # 1, 2, ... along each answer's counted tokens
+        shared = torch.minimum(nc, nr).repeat(2).unsqueeze(-1).to(position.device)
+        tok = out.token_logp  # 0 where not counted
+        logps = (tok * (counted & (position <= shared))).sum(-1) + ld_alpha * (tok * (position > shared)).sum(-1)
+    chosen, rejected = logps.chunk(2)
     return chosen, rejected, nc, nr
 
 
@@ -137,6 +185,30 @@ class _Examples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
+
+
+class _SyncReference(TrainerCallback):
+    """TR-DPO: after every ``ref_model_sync_steps``-th optimiser step,
+    ``reference ← α·policy + (1 − α)·reference`` parameter by parameter."""
+
+    def __init__(self, ref_model: nn.Module):
+        self.ref_model = ref_model
+
+    @staticmethod
+    def check_pairs(policy: nn.Module, ref: nn.Module):
+        a = [(n, tuple(p.shape)) for n, p in policy.named_parameters()]
+        b = [(n, tuple(p.shape)) for n, p in ref.named_parameters()]
+        if [s for _, s in a] != [s for _, s in b]:
+            raise ValueError("sync_ref_model: the policy's and the reference's parameters differ in number or shape "
+                             f"({len(a)} vs {len(b)} tensors); the reference must be a copy of the policy's architecture")
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % args.ref_model_sync_steps:
+            return
+        alpha = args.ref_model_mixup_alpha
+        for r, p in zip(self.ref_model.parameters(), unwrap_model(_peel(model)).parameters(), strict=True):
+            r.mul_(1.0 - alpha).add_(p.detach().to(r), alpha=alpha)
 
 
 class PreferenceTrainer(Trainer):
@@ -196,6 +268,12 @@ class PreferenceTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
+        if args.sync_ref_model:
+            if self.reference_mode != "model":
+                raise ValueError(f"sync_ref_model: needs a separate reference model; the reference here is "
+                                 f"{self.reference_mode!r} (the policy with its adapter off cannot be mixed into)")
+            _SyncReference.check_pairs(unwrap_model(self.model), self.ref_model)
+            self.add_callback(_SyncReference(self.ref_model))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0
 
@@ -214,7 +292,8 @@ class PreferenceTrainer(Trainer):
         rows = dataset.rows
         ctx = adapters_disabled(ref) if adapter_off else contextlib.nullcontext()
         with ctx:
-            data_key = cache.data_fingerprint(rows, max_length=args.max_length, truncation_mode=args.truncation_mode)
+            data_key = cache.data_fingerprint(rows, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                                              ld_alpha=args.ld_alpha)
             weights_key = cache.weights_fingerprint(unwrap_model(ref))
             path = cache.cache_path(args.ref_cache_dir or os.path.join(args.output_dir, "ref_log_probs"),
                                     data_key, weights_key)
@@ -232,7 +311,7 @@ class PreferenceTrainer(Trainer):
                 for i in tqdm(range(0, len(rows), bs), desc=f"reference log-probs ({split})",
                               disable=args.disable_tqdm):
                     batch = {k: v.to(device) for k, v in collator([strip(r) for r in rows[i:i + bs]]).items()}
-                    c, r, _, _ = preference_log_probs(ref, batch)
+                    c, r, _, _ = preference_log_probs(ref, batch, ld_alpha=args.ld_alpha)
                     chosen.append(c.float().cpu())
                     rejected.append(r.float().cpu())
                 ref.train(was_training)
@@ -256,7 +335,8 @@ class PreferenceTrainer(Trainer):
         previous = inner.__dict__.get("forward")
 
         def forward(input_ids=None, attention_mask=None, completion_mask=None, **_):
-            return sequence_log_probs(inner, input_ids, attention_mask, completion_mask)
+            return sequence_log_probs(inner, input_ids, attention_mask, completion_mask,
+                                      return_log_sum_sq=self.args.use_weighting)
 
         inner.forward = forward
         try:
@@ -268,9 +348,13 @@ class PreferenceTrainer(Trainer):
                 inner.forward = previous
             else:
                 del inner.forward
-        chosen, rejected = out.logp_sum.chunk(2)
-        nc, nr = out.n_tokens.chunk(2)
-        return chosen, rejected, nc, nr
+        chosen, rejected, nc, nr = _pair_log_probs(out, inputs, self.args.ld_alpha)
+        weights = None
+        if self.args.use_weighting:  # WPO, on the plain token sums whatever ld_alpha is (as TRL)
+            lc, lr = out.token_log_sum_sq.sum(-1).chunk(2)
+            raw_c, raw_r = out.logp_sum.chunk(2)
+            weights = wpo_weights(raw_c, lc, nc, raw_r, lr, nr)
+        return chosen, rejected, nc, nr, weights
 
     @torch.no_grad()
     def _reference_log_probs(self, model: nn.Module, inputs: dict):
@@ -284,21 +368,22 @@ class PreferenceTrainer(Trainer):
             if self.reference_mode == "adapter_off":
                 with adapters_disabled(model):
                     c, r, _, _ = preference_log_probs(unwrap_model(model) if not _has_peft(_peel(model))
-                                                      else _peel(model), batch)
+                                                      else _peel(model), batch, ld_alpha=self.args.ld_alpha)
             else:
-                c, r, _, _ = preference_log_probs(self.ref_model, batch)
+                c, r, _, _ = preference_log_probs(self.ref_model, batch, ld_alpha=self.args.ld_alpha)
         return c, r
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         args = self.args
-        pc, pr, nc, nr = self._policy_log_probs(model, inputs)
+        pc, pr, nc, nr, weights = self._policy_log_probs(model, inputs)
         rc, rr = self._reference_log_probs(model, inputs)
         rc, rr = rc.to(pc), rr.to(pc)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             pc, pr, rc, rr, loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
             label_smoothing=args.label_smoothing, chosen_lengths=nc, rejected_lengths=nr,
-            discopop_tau=args.discopop_tau, f_divergence=args.f_divergence_type, f_alpha=args.f_alpha_divergence_coef)
+            discopop_tau=args.discopop_tau, f_divergence=args.f_divergence_type, f_alpha=args.f_alpha_divergence_coef,
+            pair_weights=weights)
         loss = losses.mean()
         self._record(mode, inputs, pc, pr, chosen_rewards, rejected_rewards)
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs \

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PREFERENCE_LOSS_TYPES", "F_DIVERGENCES", "preference_loss", "kto_loss", "orpo_loss", "simpo_loss",
-           "bt_loss"]
+           "bt_loss", "wpo_weights"]
 
 #: Every ``loss_type`` :func:`preference_loss` accepts: TRL 1.16's DPO types, ``kto_pair`` of
 #: TRL ≤ 0.9, and ``sft`` (TRL's auxiliary NLL of the chosen completions).
@@ -144,7 +144,8 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
                     loss_type: str | Sequence[str] = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
                     loss_weights: Sequence[float] | None = None, chosen_lengths: torch.Tensor | None = None,
                     rejected_lengths: torch.Tensor | None = None, discopop_tau: float = 0.05,
-                    f_divergence: str = "reverse_kl", f_alpha: float = 0.5, reduction: str = "none"):
+                    f_divergence: str = "reverse_kl", f_alpha: float = 0.5, pair_weights: torch.Tensor | None = None,
+                    reduction: str = "none"):
     """The DPO-family loss of each preference pair.
 
     Inputs, all ``[B]`` floating point on one device: the policy's summed completion log-probs
@@ -158,7 +159,9 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     ``exo_pair`` (needs 0 < ε < 1), ``robust`` (0 ≤ ε < 0.5), ``aot`` / ``aot_unpaired``; ``sigmoid``
     ignores it (TRL 1.x). ``discopop_tau``: DiscoPOP's temperature. ``f_divergence`` (one of
     :data:`F_DIVERGENCES`) / ``f_alpha``: the score transform of the log-ratios used by the
-    types written with Δ (TRL's ``f_divergence_type``).
+    types written with Δ (TRL's ``f_divergence_type``). ``pair_weights [B]``: a multiplier of each
+    pair's loss, detached (WPO's ``w_c · w_r``, see :func:`wpo_weights`); not allowed with ``aot`` /
+    ``aot_unpaired``, which sort the pairs.
 
     Batch-coupled types: ``aot`` / ``aot_unpaired`` sort the log-ratios over the batch,
     ``kto_pair`` uses batch means, ``sft`` is one batch mean; their per-pair values depend on the
@@ -205,13 +208,42 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
         nc = _lengths("chosen_lengths", chosen_lengths, pc)
         nr = _lengths("rejected_lengths", rejected_lengths, pc)
     sc, sr = _scores(pc - rc, f_divergence, f_alpha), _scores(pr - rr, f_divergence, f_alpha)
+    if pair_weights is not None:
+        sorting = [t for t in types if t in ("aot", "aot_unpaired")]
+        if sorting:
+            raise ValueError(f"pair_weights: not defined for {sorting}, which sort the pairs over the batch")
+        pair_weights = _vector("pair_weights", pair_weights, pc).detach()
     losses = 0
     for t, w in zip(types, weights):
         losses = losses + w * _one_type(t, pc=pc, pr=pr, rc=rc, rr=rr, sc=sc, sr=sr, beta=beta, eps=eps,
                                         nc=nc, nr=nr, tau=tau)
+    if pair_weights is not None:
+        losses = losses * pair_weights
     chosen_rewards = (beta * (pc - rc)).detach()
     rejected_rewards = (beta * (pr - rr)).detach()
     return _reduce(losses, reduction), chosen_rewards, rejected_rewards
+
+
+def wpo_weights(chosen_logp_sum: torch.Tensor, chosen_log_sum_sq: torch.Tensor, chosen_lengths: torch.Tensor,
+                rejected_logp_sum: torch.Tensor, rejected_log_sum_sq: torch.Tensor,
+                rejected_lengths: torch.Tensor) -> torch.Tensor:
+    """WPO's pair weights (TRL 1.16's ``use_weighting``), detached, ``[B]``.
+
+    Each answer's weight is ``exp(mean_t (log p(y_t) − log Σ_v p_v²))`` over its completion
+    tokens: its length-normalised probability under the policy, aligned by each position's
+    ``Σ p²`` (the probability the policy would give its own sample there); the pair's weight is
+    the product of the two. Inputs ``[B]``: the summed log-probs, the summed ``log Σ p²`` (from
+    :func:`lmfuse.losses.sequence_log_probs` with ``return_log_sum_sq=True``) and the token counts
+    (an empty answer counts as one token).
+    """
+    def one(logp, lss, n, name):
+        logp = _vector(f"{name}_logp_sum", logp)
+        lss = _vector(f"{name}_log_sum_sq", lss, logp)
+        n = _lengths(f"{name}_lengths", n, logp)
+        return torch.exp((logp.detach() - lss.detach()) / n.clamp(min=1))
+
+    return one(chosen_logp_sum, chosen_log_sum_sq, chosen_lengths, "chosen") * \
+        one(rejected_logp_sum, rejected_log_sum_sq, rejected_lengths, "rejected")
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, desirable: torch.Tensor,

@@ -148,17 +148,21 @@ class SequenceLogProbs(NamedTuple):
 
     ``logp_sum [B]`` fp32: Σ log p(token) over the completion tokens of each sequence;
     ``n_tokens [B]`` int64: how many tokens were counted; ``token_logp [B, T]`` fp32: each
-    counted token's log-prob at its own position in ``input_ids`` (0 elsewhere).
+    counted token's log-prob at its own position in ``input_ids`` (0 elsewhere);
+    ``token_log_sum_sq [B, T]`` fp32 or None: with ``return_log_sum_sq=True``, ``log Σ_v p_v²`` of
+    the distribution that scored each counted token (0 elsewhere), detached.
     """
 
     logp_sum: torch.Tensor
     n_tokens: torch.Tensor
     token_logp: torch.Tensor
+    token_log_sum_sq: torch.Tensor | None = None
 
 
 def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        completion_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                       temperature: float = 1.0, model_kwargs: dict | None = None) -> SequenceLogProbs:
+                       temperature: float = 1.0, model_kwargs: dict | None = None,
+                       return_log_sum_sq: bool = False) -> SequenceLogProbs:
     """Per-sequence sums of completion-token log-probs, without the ``[B, T, V]`` logits.
 
     ``input_ids [B, T]`` int64 (prompt + completion, padded left or right);
@@ -170,6 +174,12 @@ def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask
     sequence scores as it would unpadded (the model's own forward numbers positions from 0 at
     the first column, padding included). ``temperature`` divides the model's logits (after its
     own logit scale, before its softcap). Differentiable in the model's parameters.
+
+    ``return_log_sum_sq``: also give each counted token's ``log Σ_v p_v²`` (WPO's weight term),
+    without gradient and without the logits: ``log Σ p² = lse(2z) − 2·lse(z) = 2·log p(t) −
+    log p₂(t)``, where ``p₂`` is the softmax of the doubled logits ``2z``, which the same fused op
+    gives at half the temperature and twice the softcap (``2·c·tanh(y/c) = 2c·tanh(2y/2c)``). One
+    extra forward of the vocabulary head, no extra backbone pass.
     """
     from lmfuse import ops
 
@@ -197,4 +207,13 @@ def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask
     token_logp = F.pad(logp[:, :-1], (1, 0), value=0.0)  # back to the position of the token scored
     counted = completion.clone()
     counted[:, 0] = False
-    return SequenceLogProbs(token_logp.sum(-1), counted.sum(-1), token_logp)
+    log_sum_sq = None
+    if return_log_sum_sq:
+        with torch.no_grad():
+            logp2 = ops.linear_log_probs(hidden.detach(), weight.detach(), target.to(hidden.device),
+                                         bias=None if bias is None else bias.detach(), ignore_index=ignore,
+                                         temperature=float(temperature) / (2 * head.logit_scale),
+                                         softcap=None if head.softcap is None else 2 * head.softcap,
+                                         vocab_size=head.vocab_size)
+            log_sum_sq = F.pad((2 * logp.detach() - logp2)[:, :-1], (1, 0), value=0.0)
+    return SequenceLogProbs(token_logp.sum(-1), counted.sum(-1), token_logp, log_sum_sq)
