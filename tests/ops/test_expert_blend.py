@@ -112,10 +112,27 @@ def test_gradient_in_forward_path_partial_needs():
 @pytest.mark.parametrize("option", [dict(label_smoothing=0.15, reduction="sum"), dict(reduction="mean"),
                                     dict(reduction="none", label_smoothing=0.05)])
 @pytest.mark.parametrize("gate_kind", ["softmax", "any"])
-def test_logits_blend_stage1_path(option, gate_kind):
-    """Only the gate trains: the statistics op (no concatenation, no backward GEMM)."""
+@pytest.mark.parametrize("rows", [None, 10], ids=["one-chunk", "10-row-chunks"])
+def test_logits_blend_stage1_path(option, gate_kind, rows, monkeypatch):
+    """Only the gate trains: the statistics op (no concatenation, no backward GEMM), in one chunk
+    and in chunks of 10 tokens (the last one short)."""
+    from lmfuse.ops import _expert_blend_stats as st
+
+    if rows is not None:
+        monkeypatch.setattr(st, "MIN_ROWS", 1)
+        monkeypatch.setattr(st, "WORKSPACE_BYTES", 4 * 4 * V * rows)  # E + 1 = 4 blocks of 10 rows
+        assert st.chunk_rows(N, V, 3) == rows
     hiddens, weights, biases, gate, target = _inputs(grad=False, gate_kind=gate_kind)
     _check(hiddens, weights, biases, gate, target, **option)
+
+
+def test_stage1_chunk_rows_rule():
+    from lmfuse.ops import _expert_blend_stats as st
+
+    assert st.chunk_rows(37, 1003, 3) == 37  # never more than N
+    assert st.chunk_rows(4096, 49152, 3) == st.MIN_ROWS == 128  # 48 MiB holds 64 rows: the floor wins
+    assert st.chunk_rows(4096, 1000, 3) == st.WORKSPACE_BYTES // (4 * 4 * 1000)  # the workspace wins
+    assert st.chunk_rows(0, 1000, 3) == 1
 
 
 @pytest.mark.parametrize("backend", [pytest.param(None, id="default")] + backend_params(("reference", "cpp")))

@@ -18,8 +18,10 @@ exactly; the cross entropy's gate gradient becomes ``E_p[o_e] − (1−ε)·o_e[
 per unit of upstream gradient. ``mean_o``, ``o_target`` and ``sum_o`` are not differentiable.
 
 Work: per chunk of tokens, E GEMMs ``[rows, H_e] × [H_e, V']`` (the forward of eager PyTorch,
-``2·N·V'·ΣH`` flops), a float32 logsumexp and E weighted row sums; the workspace is E + 2 blocks of
-``[rows, V']`` float32 (rows from :data:`WORKSPACE_BYTES`), never ``[E, N, V']``. The GEMMs run in
+``2·N·V'·ΣH`` flops), a float32 logsumexp and E weighted row sums; the workspace is E + 1 blocks of
+``[rows, V']`` float32, never ``[E, N, V']``: rows fill :data:`WORKSPACE_BYTES`, but never fewer
+than :data:`MIN_ROWS` (GEMMs with fewer rows run far below the CPU's speed: 3 × ``[51, 576] ×
+[576, 49152]`` took 1.5× as long per row as with 256 rows, one thread). The GEMMs run in
 the input dtype (float32 / float64 exactly; bfloat16 / float16 logits are rounded to that dtype
 before the float32 blend, as eager ``F.linear`` rounds them), except on CUDA where float16 /
 bfloat16 GEMMs accumulate into float32 outputs directly. It runs on any device, in PyTorch.
@@ -33,11 +35,14 @@ import torch
 from torch import Tensor
 
 WORKSPACE_BYTES = 48 << 20
+MIN_ROWS = 128
 
 
 def chunk_rows(n: int, vocab_size: int, num_experts: int) -> int:
-    """Tokens per chunk so that the ``(E + 2)`` float32 ``[rows, V']`` blocks fit :data:`WORKSPACE_BYTES`."""
-    return max(1, min(max(n, 1), WORKSPACE_BYTES // ((num_experts + 2) * 4 * vocab_size)))
+    """Tokens per chunk: the ``(E + 1)`` float32 ``[rows, V']`` blocks fill :data:`WORKSPACE_BYTES`,
+    with at least :data:`MIN_ROWS` rows (and at most ``n``)."""
+    fit = WORKSPACE_BYTES // ((num_experts + 1) * 4 * max(vocab_size, 1))
+    return max(1, min(max(n, 1), max(fit, MIN_ROWS)))
 
 
 def _expert_logits(h: Tensor, w: Tensor, b: Optional[Tensor], ct: torch.dtype) -> Tensor:
@@ -74,12 +79,15 @@ def _forward(hiddens: Sequence[Tensor], weights: Sequence[Tensor], biases: Seque
         z = outs[0] * g[s:e_, 0:1]
         for k in range(1, E):
             z.addcmul_(outs[k], g[s:e_, k:k + 1])
-        l = torch.logsumexp(z, dim=1)
-        lse[s:e_] = l
-        p = z.sub_(l[:, None]).exp_()
+        # logsumexp in place (torch.logsumexp would allocate another block)
+        m = z.amax(dim=1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=ct, device=dev))
+        p = z.sub_(m).exp_()  # unnormalised
+        total = p.sum(1)
+        lse[s:e_] = m.squeeze(1) + total.log()
         tc = tcl[s:e_, None]
         for k, o in enumerate(outs):
-            mean_o[s:e_, k] = (p * o).sum(1)
+            mean_o[s:e_, k] = (p * o).sum(1) / total
             o_t[s:e_, k] = o.gather(1, tc).squeeze(1)
             if want_sum:
                 sum_o[s:e_, k] = o.sum(1)
