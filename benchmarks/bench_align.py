@@ -6,8 +6,9 @@ reference (TRL's default when no reference is given), a batch of B pairs of T to
 prompt, the rest completion; chosen and rejected of different lengths, right-padded), loss type
 ``sigmoid``, β = 0.1, fp32. Mode ``full``: the policy forward, the reference forward and the
 backward to every policy parameter (no optimizer step). Scales: full = 4 pairs × 512 tokens (the
-issue's CPU size), quick = 2 pairs × 128 tokens, tiny = a 2-layer Llama, 2 pairs × 16 tokens (the
-test suite).
+issue's CPU size), and on CUDA also a Llama-3.2-1B-shaped model built from its config (random
+weights, bfloat16, 4 pairs × 1024 tokens, vocabulary 128256); quick = 2 pairs × 128 tokens, tiny =
+a 2-layer Llama, 2 pairs × 16 tokens (the test suite).
 
 Providers:
 
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload
+from lmfuse.bench import Case, Provider, ProviderUnavailable, Workload, training_model
 from lmfuse.bench.timing import extra_memory_mib
 from lmfuse.benchmarks.bench_linear_cross_entropy import _PROBE_ENV
 
@@ -50,19 +51,27 @@ WORDS = ("<pad> <eos> the a cat dog sat ran on mat big small red blue is was and
 class Spec:
     pairs: int
     seq: int
-    model: str  # "smollm2-135m" or "tiny-llama"
+    model: str  # "smollm2-135m", "llama-1b" (from config) or "tiny-llama"
+    dtype: str = "float32"
 
     @property
     def shape(self) -> str:
         return f"pairs={self.pairs},T={self.seq},model={self.model}"
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
-def specs(scale: str) -> list[Spec]:
+
+def specs(scale: str, device: torch.device | None = None) -> list[Spec]:
     if scale == "tiny":
         return [Spec(2, 16, "tiny-llama")]
     if scale == "quick":
         return [Spec(2, 128, "smollm2-135m")]
-    return [Spec(4, 512, "smollm2-135m")]
+    out = [Spec(4, 512, "smollm2-135m")]
+    if device is not None and device.type == "cuda":
+        out.append(Spec(4, 1024, "llama-1b", "bfloat16"))
+    return out
 
 
 def _tiny_tokenizer():
@@ -91,6 +100,9 @@ class _Setup:
                     raise ProviderUnavailable(f"bundled model unavailable: {e}") from e
                 if tok.pad_token is None:
                     tok.pad_token = tok.eos_token
+            elif s.model == "llama-1b":
+                tok = _tiny_tokenizer()  # the batch is random ids; the tokenizer only builds the trainers
+                model = training_model("llama-1b", self.device, s.torch_dtype)
             else:
                 from transformers import LlamaConfig, LlamaForCausalLM
                 torch.manual_seed(0)
@@ -98,7 +110,7 @@ class _Setup:
                 model = LlamaForCausalLM(LlamaConfig(
                     vocab_size=len(WORDS), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0))
-            model = model.to(self.device).train()
+            model = model.to(device=self.device, dtype=s.torch_dtype).train()
             import copy
             ref = copy.deepcopy(model).eval().requires_grad_(False)
             self._v = (model, ref, tok, self._batch(model.config.vocab_size, tok.pad_token_id))
@@ -156,14 +168,14 @@ PROVIDERS = {"lmfuse": _lmfuse, "trl": _trl}
 
 def build_case(spec: Spec, device: torch.device) -> Case:
     setup = _Setup(spec, device)
-    return Case(OP, spec.shape, torch.float32, device,
+    return Case(OP, spec.shape, spec.torch_dtype, device,
                 [Provider(name, lambda f=f: f(setup)) for name, f in PROVIDERS.items()],
-                baseline="trl", target="lmfuse", modes=("full",), headline=True,
-                note="policy fwd + reference fwd + backward to every policy parameter, sigmoid loss, fp32")
+                baseline="trl", target="lmfuse", modes=("full",), headline=spec.model != "llama-1b",
+                note=f"policy fwd + reference fwd + backward to every policy parameter, sigmoid loss, {spec.dtype}")
 
 
 def cases(scale: str, device: torch.device) -> list[Case]:
-    return [build_case(s, device) for s in specs(scale)]
+    return [build_case(s, device) for s in specs(scale, device)]
 
 
 # -- peak resident memory of one step, one fresh process per provider --------------------------
@@ -194,7 +206,7 @@ def probe(spec: Spec, provider: str, device: torch.device) -> dict:
 
 def measure_memory(scale: str, device: torch.device, echo=print, timeout_s: float = 1800.0) -> list[dict]:
     rows = []
-    for spec in specs(scale):
+    for spec in specs(scale, device):
         for provider in PROVIDERS:
             cmd = [sys.executable, os.path.abspath(__file__), "--probe", json.dumps(asdict(spec)), provider, str(device)]
             row = {"op": OP, "shape": spec.shape, "provider": provider, "device": str(device)}

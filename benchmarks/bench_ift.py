@@ -13,7 +13,9 @@ Providers:
 ``sft-stock``   plain SFT with the model's own loss (``model(..., labels=...).loss``)
 
 Scales: tiny (tests) a 2-layer Llama, 2 × 16 tokens; quick SmolLM2-135M, 1 × 128 tokens; full
-SmolLM2-135M, 4 × 512 tokens (vocabulary 49152). Flops: ``2·P·N`` per forward and ``4·P·N`` per
+SmolLM2-135M, 4 × 512 tokens (vocabulary 49152), float32, and on CUDA also a Llama-3.2-1B-shaped
+model from its config (:func:`lmfuse.bench.llama_1b_config`), bfloat16, 4 × 1024 tokens
+(vocabulary 128256). Flops: ``2·P·N`` per forward and ``4·P·N`` per
 backward (``P`` parameters, ``N`` tokens), so IFT is credited ``8·P·N`` and SFT ``6·P·N``.
 
 The shared harness times the cases (``lmfuse bench --ops ift``); on the CPU it measures no
@@ -41,20 +43,23 @@ from lmfuse.bench.timing import status_mib
 OP = "ift_step"
 PROVIDERS = ("lmfuse", "eager-ift", "sft-fused", "sft-stock")
 SHAPES = {"tiny": (2, 16, "tiny-llama"), "quick": (1, 128, "smollm2-135m"), "full": (4, 512, "smollm2-135m")}
+GPU_SHAPE = (4, 1024, "llama-1b")  # full scale on CUDA, bfloat16, after the SmolLM2 case
 
 
 class _Inputs:
     """The model and one batch, made on first use (``cases()`` stays cheap)."""
 
-    def __init__(self, scale: str, device: torch.device, shape: tuple[int, int] | None = None):
+    def __init__(self, scale: str, device: torch.device, shape: tuple[int, int] | None = None,
+                 model: tuple[int, int, str] | None = None, dtype: torch.dtype = torch.float32):
         self.scale, self.device, self.shape, self._m = scale, device, shape, None
+        self.spec, self.dtype = model or SHAPES[scale], dtype
 
     def get(self):
         if self._m is None:
-            B, T, name = SHAPES[self.scale]
+            B, T, name = self.spec
             if self.shape is not None:
                 B, T = self.shape
-            model = training_model(name, self.device)
+            model = training_model(name, self.device, self.dtype)
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(self.device)
             labels = ids.clone()
@@ -107,13 +112,18 @@ def _cost(inputs: _Inputs, provider: str, mode: str) -> tuple[float, float]:
 
 
 def cases(scale: str, device: torch.device) -> list[Case]:
-    inputs = _Inputs(scale, device)
-    B, T, name = SHAPES[scale]
-    providers = [Provider(p, (lambda p=p: _workload(inputs, p)), cost=(lambda mode, p=p: _cost(inputs, p, mode)))
-                 for p in PROVIDERS]
-    return [Case(OP, f"B={B},T={T},model={name}", torch.float32, device, providers, baseline="eager-ift",
-                 target="lmfuse", modes=("full",), headline=True,
-                 note="forward + backward of one IFT step (λ=0.2, γ=0.95), no optimizer step")]
+    specs = [(SHAPES[scale], torch.float32)]
+    if scale == "full" and device.type == "cuda":
+        specs.append((GPU_SHAPE, torch.bfloat16))
+    out = []
+    for (B, T, name), dtype in specs:
+        inputs = _Inputs(scale, device, model=(B, T, name), dtype=dtype)
+        providers = [Provider(p, (lambda p=p, i=inputs: _workload(i, p)),
+                              cost=(lambda mode, p=p, i=inputs: _cost(i, p, mode))) for p in PROVIDERS]
+        out.append(Case(OP, f"B={B},T={T},model={name}", dtype, device, providers, baseline="eager-ift",
+                        target="lmfuse", modes=("full",), headline=name != GPU_SHAPE[2],
+                        note="forward + backward of one IFT step (λ=0.2, γ=0.95), no optimizer step"))
+    return out
 
 
 # -- wall time and peak resident memory, one fresh process per provider ------------------------

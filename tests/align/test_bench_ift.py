@@ -39,3 +39,14 @@ def test_probe_reports_time_and_memory(bench):
     row = bench.probe("tiny", "lmfuse", 1)
     assert row["provider"] == "lmfuse" and len(row["times_s"]) == 1
     assert row["median_s"] > 0 and row["peak_extra_mib"] >= 0
+
+
+def test_full_scale_adds_the_bf16_llama_1b_case_on_cuda(bench):
+    """Checked without a GPU: the cases are built lazily, so listing them allocates nothing."""
+    cpu = bench.cases("full", torch.device("cpu"))
+    assert [c.shape for c in cpu] == ["B=4,T=512,model=smollm2-135m"]
+    gpu = bench.cases("full", torch.device("cuda"))
+    assert [(c.shape, c.dtype, c.headline) for c in gpu] == [
+        ("B=4,T=512,model=smollm2-135m", torch.float32, True), ("B=4,T=1024,model=llama-1b", torch.bfloat16, False)]
+    inputs = bench._Inputs("tiny", torch.device("cpu"), dtype=torch.bfloat16)
+    assert {p.dtype for p in inputs.get()[0].parameters()} == {torch.bfloat16}

@@ -17,11 +17,12 @@ Writing a benchmark module::
 """
 
 from .harness import (MODES, Case, Measurement, Provider, ProviderUnavailable, Workload,
-                      forced_backend_workload, run_case, training_model)
+                      forced_backend_workload, llama_1b_config, run_case, training_model)
 from .timing import Ceilings, Timing, TimingPolicy, efficiency, measure_ceilings, roofline_ms, summarize
 
 __all__ = [
     "forced_backend_workload",
     "MODES", "Case", "Ceilings", "Measurement", "Provider", "ProviderUnavailable", "Timing",
     "TimingPolicy", "Workload", "efficiency", "measure_ceilings", "roofline_ms", "run_case", "summarize", "training_model",
+    "llama_1b_config",
 ]

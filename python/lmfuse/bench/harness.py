@@ -270,16 +270,32 @@ def describe_ceilings(c: Ceilings) -> str:
             f"{c.matmul_dtype} matmul {c.matmul_tflops:.3f} TFLOP/s (n={c.matmul_n})")
 
 
-def training_model(name: str, device: torch.device):
-    """A causal LM in train mode for model-level benchmark cases: ``"smollm2-135m"`` (the bundled
-    model; :class:`ProviderUnavailable` when it is not installed) or ``"tiny-llama"`` (2 layers,
-    hidden 48, vocabulary 1003, seeded)."""
+def llama_1b_config():
+    """Llama-3.2-1B's shape (16 layers, hidden 2048, MLP 8192, 32 heads / 8 KV heads, vocabulary
+    128256, tied embeddings): the GPU size of the model-level cases (random weights, same cost)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                       tie_word_embeddings=True, rope_theta=500000.0, pad_token_id=0)
+
+
+def training_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A causal LM in train mode, in ``dtype``, for model-level benchmark cases: ``"smollm2-135m"``
+    (the bundled model; :class:`ProviderUnavailable` when it is not installed), ``"llama-1b"``
+    (:func:`llama_1b_config`, seeded random weights, built on ``device``) or ``"tiny-llama"``
+    (2 layers, hidden 48, vocabulary 1003, seeded)."""
     if name == "smollm2-135m":
         from ..models import load_bundled_model
         try:
             model, _ = load_bundled_model(with_tokenizer=False)
         except FileNotFoundError as e:
             raise ProviderUnavailable(f"bundled model unavailable: {e}") from e
+    elif name == "llama-1b":
+        from transformers import LlamaForCausalLM
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(llama_1b_config())
     elif name == "tiny-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
         torch.manual_seed(0)
@@ -287,5 +303,5 @@ def training_model(name: str, device: torch.device):
             vocab_size=1003, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     else:
-        raise ValueError(f"training_model: name must be 'smollm2-135m' or 'tiny-llama', got {name!r}")
-    return model.to(device).train()
+        raise ValueError(f"training_model: name must be 'smollm2-135m', 'llama-1b' or 'tiny-llama', got {name!r}")
+    return model.to(device=device, dtype=dtype).train()
