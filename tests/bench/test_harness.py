@@ -439,3 +439,17 @@ def test_suite_without_budget_runs_op_by_op_headline_first(monkeypatch):
     assert started == ["a:a1", "a:a0", "a:a2", "b:b0", "b:b1"] and built == ["a", "b"]
     with pytest.raises(ValueError, match="a has no backward"):
         suite.run_suite(["a"], CPU, "tiny", ["bwd"], None, plot=False, progress=False, info=INFO, echo=lambda s: None)
+
+
+def test_run_info_records_the_checkout_commit():
+    import subprocess
+    from pathlib import Path
+
+    from lmfuse.bench.report import run_info
+
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert run_info(torch.device("cpu")).git_commit == head.stdout.strip()
+    assert run_info(torch.device("cpu"), "abc").git_commit == "abc"

@@ -91,9 +91,13 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
-def run_info(device, commit: str = "unknown") -> RunInfo:
-    """Collect the environment columns for ``device``."""
+def run_info(device, commit: str | None = None) -> RunInfo:
+    """Collect the environment columns for ``device``; ``commit`` defaults to the commit of the
+    checkout lmfuse is imported from ("unknown" outside a git checkout)."""
     import torch
+
+    if commit is None:
+        commit = git_commit(os.path.dirname(os.path.abspath(__file__)))
 
     try:
         import triton
