@@ -26,10 +26,13 @@ OPTIONS = [
 ]
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@pytest.fixture(params=["kernel", "torch", "vocab-blocks"])
 def chunked(request, monkeypatch):
     """Force the path with a workspace of a few rows (N = 37 spans several chunks), once with the
-    chunk's softmax work in the C++ kernel (the CPU default) and once in PyTorch."""
+    chunk's softmax work in the C++ kernel (the CPU default), once in PyTorch, and once with the
+    float32 backward over vocabulary blocks (138 columns at N = 37: eight blocks, the last short;
+    69 with a softcap). In the first two the blocks are too narrow (< MIN_BLOCK_COLS), so float32
+    takes the token-chunked backward."""
     monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
     if request.param == "torch":
         monkeypatch.setattr(_llp_chunked, "fused_cpu", lambda h2: False)
@@ -37,6 +40,11 @@ def chunked(request, monkeypatch):
     else:
         assert _llp_chunked.fused_cpu(torch.empty(1, 1))
     monkeypatch.setattr(_lce_chunked, "WORKSPACE_BYTES", 4 * 1024 * 5)  # 5 rows (float32) / 10 (16-bit) per chunk
+    if request.param == "vocab-blocks":
+        monkeypatch.setattr(_llp_chunked, "MIN_BLOCK_COLS", 32)
+        assert _llp_chunked.block_cols(N, V, False) == 138
+    else:
+        assert _llp_chunked.block_cols(N, V, False) == 0
     return request.param
 
 
@@ -125,6 +133,33 @@ def test_frozen_weight_and_all_ignored(chunked):
     assert torch.equal(wq.grad, torch.zeros_like(wq))
 
 
+def test_lse_output_and_vocabulary_blocks_equal_token_chunks(monkeypatch):
+    """The forward's second output is each token's log-sum-exp (float64 reference; +inf on ignored
+    rows, computed over the row for a valid target outside the vocabulary); the vocabulary-blocked
+    backward gives the token-chunked backward's gradients, finite even with such a row (whose
+    log-prob is NaN) under a nonzero upstream gradient."""
+    monkeypatch.setattr(_lce_chunked, "WORKSPACE_BYTES", 4 * 1024 * 5)
+    h, w, b, t, up = _data(7, True, 990)
+    t[3] = 995  # valid, but outside vocab_size = 990
+    hh, ww, bb = _leaves((h, w, b), torch.float32)
+    logp, lse = torch.ops.lmfuse.llp_chunked(hh, ww, bb, t, 990, IGN, 0.8, 3.0)
+    z = 3.0 * torch.tanh(0.8 * (h @ w[:990].t() + b[:990]) / 3.0)
+    want = torch.logsumexp(z, 1)
+    valid = t != IGN
+    assert torch.isnan(logp[3]) and torch.isinf(lse[~valid]).all() and (lse[~valid] > 0).all()
+    assert rel_error(lse[valid], want[valid]) < 1e-6
+    grads = {}
+    for name, min_cols in (("blocks", 32), ("tokens", 10**9)):
+        monkeypatch.setattr(_llp_chunked, "MIN_BLOCK_COLS", min_cols)
+        seen = []
+        real = _llp_chunked._blocked_backward
+        monkeypatch.setattr(_llp_chunked, "_blocked_backward", lambda *a: (seen.append(1), real(*a))[1])
+        grads[name] = torch.autograd.grad(logp, (hh, ww, bb), up.float(), retain_graph=True)
+        assert bool(seen) == (name == "blocks")
+    for a, c in zip(grads["blocks"], grads["tokens"]):
+        assert torch.isfinite(a).all() and rel_error(a, c) < 1e-5
+
+
 def test_path_is_taken_and_not_taken(monkeypatch):
     """The static rule: CPU float32 / bfloat16 with a gradient wanted, no entropy / argmax; forced
     on / off by LMFUSE_LCE_CHUNKED; a forced backend keeps its own path."""
@@ -162,8 +197,10 @@ def test_opcheck():
     hh, ww, bb = _leaves((h, w, b), torch.float32)
     torch.library.opcheck(torch.ops.lmfuse.llp_chunked.default, (hh, ww, bb, t, V, IGN, 0.8, 3.0))
     torch.library.opcheck(torch.ops.lmfuse.llp_chunked.default, (hh, ww, None, t.clamp(0, 899), 900, IGN, 1.0, None))
+    _, lse = torch.ops.lmfuse.llp_chunked(hh.detach(), ww.detach(), bb.detach(), t, V, IGN, 0.8, 3.0)
     torch.library.opcheck(torch.ops.lmfuse.llp_chunked_backward.default,
-                          (up.float(), hh.detach(), ww.detach(), bb.detach(), t, V, IGN, 0.8, 3.0, [True, True, True]))
+                          (up.float(), hh.detach(), ww.detach(), bb.detach(), t, lse, V, IGN, 0.8, 3.0,
+                           [True, True, True]))
 
 
 def test_compile_fullgraph_matches_eager(chunked, monkeypatch):

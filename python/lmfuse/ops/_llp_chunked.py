@@ -13,7 +13,13 @@ logits. Per chunk of ``rows`` tokens:
   dtype), ``dhidden[chunk] = G·W'``, ``dweight[:V'] += Gᵀ·hidden[chunk]``, ``dbias += Σ_rows G``.
 
 Four GEMMs in all (eager has three, and keeps ``[N, V]`` logits and softmax alive between forward
-and backward). On the CPU with the extension built the per-chunk softmax work is the C++ kernel
+and backward). In float32, when a column block of at least :data:`MIN_BLOCK_COLS` vocabulary rows
+fits the workspace for all N tokens, the backward runs over **vocabulary blocks** instead: the
+forward also returns each token's log-sum-exp (not differentiable), so a block's ``G [N, cols]``
+needs only its own logits; ``dweight[block] = Gᵀ·hidden`` is then one full-depth GEMM written
+once (token chunks add a shallow GEMM into the whole ``[V', H]`` gradient per chunk) and
+``dhidden += G·W'[block]`` accumulates into ``[N, H]`` float32. Same four GEMMs, about a fifth
+less backward time at SmolLM2's head (2048 tokens, 49152 rows: 2.0–2.2 s against 2.6–2.9 s). On the CPU with the extension built the per-chunk softmax work is the C++ kernel
 ``lmfuse._C.lce_chunk_grad_`` (one read of each row, one exp per element, ``G`` written in place);
 elsewhere it is PyTorch. Precision and the workspace are as in :mod:`._lce_chunked` (bfloat16 /
 float16 logits are rounded to their dtype before the float32 softmax, as eager rounds them).
@@ -27,7 +33,12 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _lce_chunked
 from ._lce_chunked import _gradient_gemms, chunk_rows, fused_cpu
+
+# The vocabulary-blocked backward is taken when a block of at least this many vocabulary rows
+# (for every token) fits the workspace; narrower blocks would make thin GEMMs.
+MIN_BLOCK_COLS = 256
 
 
 def _logits(hc: Tensor, wv: Tensor, bv: Optional[Tensor]) -> Tensor:
@@ -68,9 +79,22 @@ def _rows(h2: Tensor, vocab_size: int, softcap: Optional[float]) -> int:
     return chunk_rows(h2.shape[0], vocab_size, h2.dtype, softcap is not None, fused_cpu(h2))
 
 
+def _squash(u: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
+    """``softcap(scale·u)`` in float32 (a new tensor)."""
+    z = u.float() * scale
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def block_cols(n: int, vocab_size: int, softcap: bool) -> int:
+    """Vocabulary rows per block of the blocked backward (float32 ``[n, cols]``, plus the tanh block
+    with a softcap, within the workspace); 0 when fewer than :data:`MIN_BLOCK_COLS` would fit."""
+    cols = _lce_chunked.WORKSPACE_BYTES // (max(n, 1) * 4 * (2 if softcap else 1))
+    return min(cols, vocab_size) if cols >= min(MIN_BLOCK_COLS, vocab_size) else 0
+
+
 @torch.library.custom_op("lmfuse::llp_chunked", mutates_args=())
 def _fwd_op(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, vocab_size: int,
-            ignore_index: int, scale: float, softcap: Optional[float]) -> Tensor:
+            ignore_index: int, scale: float, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
     N = hidden2d.shape[0]
     fused = fused_cpu(hidden2d)
     rows = _rows(hidden2d, vocab_size, softcap)
@@ -78,22 +102,72 @@ def _fwd_op(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     bv = bias[:vocab_size] if bias is not None else None
     target = target.contiguous()
     out = torch.zeros((N,), dtype=torch.float32, device=hidden2d.device)
+    lse = torch.full((N,), float("inf"), dtype=torch.float32, device=hidden2d.device)
     zero = torch.zeros((N,), dtype=torch.float32, device=hidden2d.device)
     for s in range(0, N, rows):
         e = min(N, s + rows)
         u = _logits(hidden2d[s:e], wv, bv)
-        out[s:e] = _chunk(u, target[s:e], zero[s:e], ignore_index, scale, softcap, vocab_size, False, fused)
+        tc = target[s:e]
+        # each token's log-sum-exp for the vocabulary-blocked backward: ℓ + z_t where the target is in
+        # range, computed over the row where it is not; +inf (= no gradient) on ignored rows
+        valid = tc != ignore_index
+        inr = valid & (tc >= 0) & (tc < vocab_size)
+        zt = _squash(u.gather(1, tc.clamp(0, vocab_size - 1)[:, None]).squeeze(1), scale, softcap)
+        odd = valid & ~inr
+        if bool(odd.any()):
+            lse[s:e][odd] = torch.logsumexp(_squash(u[odd], scale, softcap), 1)
+        li = _chunk(u, tc, zero[s:e], ignore_index, scale, softcap, vocab_size, False, fused)
+        out[s:e] = li
+        lse[s:e] = torch.where(inr, li + zt, lse[s:e])
         del u  # before the next chunk's block is allocated
-    return out.neg_().add_(0.0)  # log p = −ℓ; + 0 turns the −0 of ignored rows into 0
+    return out.neg_().add_(0.0), lse  # log p = −ℓ; + 0 turns the −0 of ignored rows into 0
 
 
 @_fwd_op.register_fake
 def _fwd_fake(hidden2d, weight, bias, target, vocab_size, ignore_index, scale, softcap):
-    return hidden2d.new_empty((hidden2d.shape[0],), dtype=torch.float32)
+    n = hidden2d.shape[0]
+    return hidden2d.new_empty((n,), dtype=torch.float32), hidden2d.new_empty((n,), dtype=torch.float32)
+
+
+def _blocked_backward(grad: Tensor, hidden2d: Tensor, wv: Tensor, bv: Optional[Tensor], target: Tensor,
+                      lse: Tensor, vocab_size: int, ignore_index: int, scale: float, softcap: Optional[float],
+                      cols: int, dh: Optional[Tensor], dw: Optional[Tensor], db32: Optional[Tensor]) -> None:
+    """float32: ``G`` one vocabulary block ``[N, cols]`` at a time from the forward's log-sum-exp;
+    ``dw[block] = Gᵀ·hidden``, ``dh += G·W'[block]``, ``db32[block] = Σ_n G``."""
+    valid = target != ignore_index
+    tw = torch.where(valid, -grad.float(), torch.zeros((), dtype=torch.float32, device=grad.device))
+    # rows without a gradient get lse = +inf, so their p is 0 (never inf·0); their tw is 0 anyway
+    lse_g = torch.where(tw != 0, lse, torch.full_like(lse, float("inf")))[:, None]
+    twc = tw[:, None]
+    for v0 in range(0, vocab_size, cols):
+        v1 = min(vocab_size, v0 + cols)
+        u = _logits(hidden2d, wv[v0:v1], None if bv is None else bv[v0:v1])  # [N, c] float32
+        if scale != 1.0:
+            u.mul_(scale)
+        th = None
+        if softcap is not None:
+            th = torch.tanh(u / softcap)
+            u.copy_(th).mul_(softcap)
+        u.sub_(lse_g).exp_().mul_(twc)  # tw·p
+        inb = valid & (target >= v0) & (target < v1)
+        u.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None],
+                       torch.where(inb, -tw, torch.zeros_like(tw))[:, None])  # tw·(p − 1[t])
+        if th is not None:
+            u.mul_(th.mul_(th).neg_().add_(1.0))
+            del th
+        if scale != 1.0:
+            u.mul_(scale)
+        if db32 is not None:
+            db32[v0:v1] = u.sum(0)
+        if dw is not None:
+            torch.mm(u.t(), hidden2d, out=dw[v0:v1])
+        if dh is not None:
+            dh.addmm_(u, wv[v0:v1])
+        del u
 
 
 @torch.library.custom_op("lmfuse::llp_chunked_backward", mutates_args=())
-def _bwd_op(grad: Tensor, hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+def _bwd_op(grad: Tensor, hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor,
             vocab_size: int, ignore_index: int, scale: float, softcap: Optional[float],
             need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     need_h, need_w, need_b = bool(need[0]), bool(need[1]), bool(need[2]) and bias is not None
@@ -104,7 +178,15 @@ def _bwd_op(grad: Tensor, hidden2d: Tensor, weight: Tensor, bias: Optional[Tenso
     dh = torch.empty((N, H), dtype=dt, device=hidden2d.device) if need_h else empty()
     dw = torch.zeros((V, H), dtype=dt, device=hidden2d.device) if need_w else empty()
     db32 = torch.zeros((vocab_size,), dtype=torch.float32, device=hidden2d.device) if need_b else None
-    if need_h or need_w or need_b:
+    cols = block_cols(N, vocab_size, softcap is not None) if dt == torch.float32 else 0
+    if (need_h or need_w or need_b) and cols:
+        target = target.contiguous()
+        if need_h:
+            dh.zero_()
+        _blocked_backward(grad, hidden2d, weight[:vocab_size], bias[:vocab_size] if bias is not None else None,
+                          target, lse, vocab_size, ignore_index, scale, softcap, cols, dh if need_h else None,
+                          dw[:vocab_size] if need_w else None, db32)
+    elif need_h or need_w or need_b:
         fused = fused_cpu(hidden2d)
         rows = _rows(hidden2d, vocab_size, softcap)
         wv = weight[:vocab_size]
@@ -130,7 +212,7 @@ def _bwd_op(grad: Tensor, hidden2d: Tensor, weight: Tensor, bias: Optional[Tenso
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad, hidden2d, weight, bias, target, vocab_size, ignore_index, scale, softcap, need):
+def _bwd_fake(grad, hidden2d, weight, bias, target, lse, vocab_size, ignore_index, scale, softcap, need):
     e = lambda: hidden2d.new_empty((0,))  # noqa: E731
     return (torch.empty_like(hidden2d) if need[0] else e(), torch.empty_like(weight) if need[1] else e(),
             torch.empty_like(bias) if (need[2] and bias is not None) else e())
@@ -138,17 +220,18 @@ def _bwd_fake(grad, hidden2d, weight, bias, target, vocab_size, ignore_index, sc
 
 def _setup_context(ctx, inputs, output):
     hidden2d, weight, bias, target, vocab_size, ignore_index, scale, softcap = inputs
-    ctx.save_for_backward(hidden2d, weight, bias, target)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(hidden2d, weight, bias, target, output[1])
     ctx.args = (int(vocab_size), int(ignore_index), float(scale), softcap)
 
 
-def _backward(ctx, grad):
-    hidden2d, weight, bias, target = ctx.saved_tensors
+def _backward(ctx, grad, _grad_lse):
+    hidden2d, weight, bias, target, lse = ctx.saved_tensors
     n = ctx.needs_input_grad
     need = [bool(n[0]), bool(n[1]), bool(n[2]) and bias is not None]
-    if not any(need):
+    if not any(need) or grad is None:
         return (None,) * 8
-    dh, dw, db = torch.ops.lmfuse.llp_chunked_backward(grad.contiguous(), hidden2d, weight, bias, target,
+    dh, dw, db = torch.ops.lmfuse.llp_chunked_backward(grad.contiguous(), hidden2d, weight, bias, target, lse,
                                                        *ctx.args, need)
     return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 5
 
@@ -161,4 +244,4 @@ def log_probs(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
     """Per-token ``log p(target)`` [N] float32 (0 on ignored tokens), differentiable in hidden2d,
     weight and bias; see the module docstring."""
     return torch.ops.lmfuse.llp_chunked(hidden2d, weight, bias, target, int(vocab_size), int(ignore_index),
-                                        float(scale), softcap)
+                                        float(scale), softcap)[0]
