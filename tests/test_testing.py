@@ -129,3 +129,39 @@ def test_missing_extension_fails_the_run_unless_allowed(tmp_path, allow):
         assert r.returncode != 0, out[-3000:]
         assert "lmfuse._C (the compiled CPU extension) is not importable" in out
         assert "LMFUSE_ALLOW_MISSING_CPP=1" in out and "1 passed" not in out
+
+
+# -- run_two_process_ddp -------------------------------------------------------------------------
+
+def _ddp_writes(rank, world, port, out):
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(f"{world} {port > 0}")
+
+
+def _ddp_raises(rank, world, port):
+    raise ValueError(f"rank {rank} failed on purpose")
+
+
+def _ddp_hangs(rank, world, port, out):
+    import os
+    import time
+
+    with open(f"{out}.{rank}.{os.getpid()}", "w"):
+        pass
+    time.sleep(60)
+
+
+def test_two_process_ddp_runs_raises_and_retries_a_hang(tmp_path, capfd):
+    from lmfuse.testing import run_two_process_ddp
+
+    out = str(tmp_path / "ok")
+    run_two_process_ddp(_ddp_writes, (out,))
+    assert [open(f"{out}.{r}").read() for r in (0, 1)] == ["2 True", "2 True"]
+    with pytest.raises(Exception, match="failed on purpose"):
+        run_two_process_ddp(_ddp_raises)
+    hang = str(tmp_path / "hang")
+    with pytest.raises(AssertionError, match="did not finish within 2 s in 2 attempts"):
+        run_two_process_ddp(_ddp_hangs, (hang,), timeout_s=2.0, attempts=2)
+    started = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hang."))
+    assert len(started) == 4  # two ranks, two attempts
+    assert "_ddp_hangs" in capfd.readouterr().err  # each hung rank printed its stack

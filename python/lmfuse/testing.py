@@ -93,3 +93,56 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch
             f"tol·({ELEMENTWISE_ATOL_SCALE:g}·max|ref| + {ELEMENTWISE_RTOL_SCALE:g}·|ref|) with tol={tol:.1e} ({dtype}); "
             f"worst at index {idx}: output {o:.6g} vs reference {r:.6g} ({worst:.2f}× the bound); "
             f"norm-wise relative error {err:.3e}")
+
+
+# -- two-process DDP runs ----------------------------------------------------------------------
+
+def free_port() -> int:
+    """A localhost TCP port that was free a moment ago (for a DDP rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_entry(rank: int, worker, timeout_s: float, port: int, args: tuple) -> None:
+    import faulthandler
+
+    # a rank still running past the deadline prints every thread's Python stack to stderr first,
+    # so a hung run says where it hung
+    faulthandler.dump_traceback_later(timeout_s, exit=False)
+    try:
+        worker(rank, 2, port, *args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run_two_process_ddp(worker, args: tuple = (), *, timeout_s: float = 150.0, attempts: int = 2) -> None:
+    """Run ``worker(rank, world_size=2, port, *args)`` in two spawned processes (a module-level
+    function, e.g. one that calls ``init_process_group("gloo", ...)`` on ``127.0.0.1:port``).
+
+    A worker that raises fails the call at once (``torch.multiprocessing`` re-raises it). A run
+    that has not finished after ``timeout_s`` is killed, after each rank has printed its stacks to
+    stderr, and started again on a fresh port, at most ``attempts`` times in all; then
+    AssertionError. The retry is for a run that produced nothing (a rendezvous or collective that
+    never completes: seen once, on 2026-12-01, in a test that otherwise takes ~8 s); what the
+    workers compute is checked by the caller either way."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    for _ in range(attempts):
+        ctx = mp.spawn(_ddp_entry, args=(worker, timeout_s, free_port(), tuple(args)), nprocs=2, join=False)
+        deadline = time.monotonic() + timeout_s + 10
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                for p in ctx.processes:
+                    p.join(timeout=10)
+                break
+        else:
+            return
+    raise AssertionError(f"DDP workers did not finish within {timeout_s:.0f} s in {attempts} attempts "
+                         "(each rank's stacks are on stderr)")

@@ -6,16 +6,13 @@ checkpointing; a short run where the loss falls; 2-process gloo DDP equal to one
 import copy
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lmfuse import delta
 from lmfuse.align import PreferenceCollator, PreferenceConfig, PreferenceTrainer, preference_log_probs
-from lmfuse.testing import assert_close_to_reference
+from lmfuse.testing import assert_close_to_reference, run_two_process_ddp
 
 FP32 = torch.float32
 WORDS = ("<pad> <eos> user assistant : the a cat dog sat ran on mat big small red blue is was and or yes no "
@@ -499,23 +496,12 @@ def _ddp_trainer(seed, rows, out_dir, per_device, **dist_args):
                                           train_sampling_strategy="sequential", **dist_args))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
     seed = int(torch.randint(0, 2**31 - 1, ()))
     rows = _text_data(12, torch.Generator().manual_seed(seed))
     result = str(tmp_path / "ddp.pt")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), seed, rows, str(tmp_path / "ddp"), result), nprocs=2, join=False)
-    deadline = time.monotonic() + 300  # a hung collective must fail the test, never hang CI
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 300 s")
+    run_two_process_ddp(_ddp_worker, (seed, rows, str(tmp_path / "ddp"), result,))  # a hung run fails, never hangs CI
     single = _ddp_trainer(seed, rows, tmp_path / "one", per_device=4)
     start = {n: p.detach().clone() for n, p in single.model.named_parameters()}
     single.train()

@@ -2,16 +2,14 @@
 detach bit-exact (and re-attach), composition with LoRA, a tiny-Llama fine-tune whose loss falls,
 and DDP (two gloo processes) equal to one process."""
 
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lmfuse import delta
-from lmfuse.testing import assert_close_to_reference
+from lmfuse.testing import assert_close_to_reference, run_two_process_ddp
 
-from .test_training import _free_port, _train
+from .test_training import _train
 from .tiny import fresh_seed, randomize_deltas, tiny_llama, token_ids
 
 CONFIGS = {
@@ -149,13 +147,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     g = torch.Generator().manual_seed(dseed)
     batches = [token_ids(batch=4, seq=9, generator=g) for _ in range(3)]
     out = str(tmp_path / "ddp.pt")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), seed, dseed, batches, out), nprocs=2, join=False)
-    deadline = time.monotonic() + 300  # a hung collective must fail the test, never hang CI
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 300 s")
+    run_two_process_ddp(_ddp_worker, (seed, dseed, batches, out,))  # a hung run fails, never hangs CI
     single = _ddp_model(seed, dseed)
     start = {n: {k: v.clone() for k, v in d.state_dict().items()} for n, d in delta.get_deltas(single).items()}
     _train(single, batches)

@@ -3,16 +3,13 @@ two CPU processes), soft prompt loss semantics."""
 
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lmfuse import delta
-from lmfuse.testing import assert_close_to_reference
+from lmfuse.testing import assert_close_to_reference, run_two_process_ddp
 
 from .tiny import fresh_seed, randomize_deltas, tiny_llama, token_ids
 
@@ -92,24 +89,13 @@ def _ddp_worker(rank, world, port, seed, dseed, batches, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     seed, dseed = fresh_seed(), fresh_seed()
     g = torch.Generator().manual_seed(dseed)
     batches = [token_ids(batch=4, seq=9, generator=g) for _ in range(3)]  # global batch 4, 2 per rank
     out = str(tmp_path / "ddp.pt")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), seed, dseed, batches, out), nprocs=2, join=False)
-    deadline = time.monotonic() + 300  # a hung collective must fail the test, never hang CI
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 300 s")
+    run_two_process_ddp(_ddp_worker, (seed, dseed, batches, out,))  # a hung run fails, never hangs CI
     single = _decorated(seed, dseed)
     start = {n: d.state_dict() for n, d in delta.get_deltas(single).items()}
     start = {n: {k: v.clone() for k, v in s.items()} for n, s in start.items()}

@@ -4,18 +4,15 @@ the same losses step for step as the model's own loss (fp32), with gradient accu
 
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmfuse import delta
 from lmfuse.losses import fused_causal_lm
-from lmfuse.testing import assert_close_to_reference
+from lmfuse.testing import assert_close_to_reference, run_two_process_ddp
 
 from . import tiny
 from .tiny import fresh_seed, token_ids
@@ -170,24 +167,13 @@ def _ddp_worker(rank, world, port, seed, batches, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_two_processes_match_the_stock_loss_in_one_process(tmp_path):
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     batches = [token_ids(batch=4, seq=9, generator=g) for _ in range(3)]  # equal rows: the mean of means is the mean
     out = str(tmp_path / "ddp.pt")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), seed, batches, out), nprocs=2, join=False)
-    deadline = time.monotonic() + 300  # a hung collective must fail the test, never hang CI
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 300 s")
+    run_two_process_ddp(_ddp_worker, (seed, batches, out,))  # a hung run fails, never hangs CI
     single = tiny.llama(seed).train()
     start = {k: v.clone() for k, v in single.state_dict().items()}
     opt = torch.optim.SGD(single.parameters(), lr=0.1)
