@@ -196,9 +196,9 @@ class _SyncReference(TrainerCallback):
 
     @staticmethod
     def check_pairs(policy: nn.Module, ref: nn.Module):
-        a = [(n, tuple(p.shape)) for n, p in policy.named_parameters()]
-        b = [(n, tuple(p.shape)) for n, p in ref.named_parameters()]
-        if [s for _, s in a] != [s for _, s in b]:
+        a = [tuple(p.shape) for p in policy.parameters()]
+        b = [tuple(p.shape) for p in ref.parameters()]
+        if a != b:
             raise ValueError("sync_ref_model: the policy's and the reference's parameters differ in number or shape "
                              f"({len(a)} vs {len(b)} tensors); the reference must be a copy of the policy's architecture")
 

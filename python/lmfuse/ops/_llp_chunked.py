@@ -19,7 +19,9 @@ forward also returns each token's log-sum-exp (not differentiable), so a block's
 needs only its own logits; ``dweight[block] = Gᵀ·hidden`` is then one full-depth GEMM written
 once (token chunks add a shallow GEMM into the whole ``[V', H]`` gradient per chunk) and
 ``dhidden += G·W'[block]`` accumulates into ``[N, H]`` float32. Same four GEMMs, about a fifth
-less backward time at SmolLM2's head (2048 tokens, 49152 rows: 2.0–2.2 s against 2.6–2.9 s). On the CPU with the extension built the per-chunk softmax work is the C++ kernel
+less backward time at SmolLM2's head (2048 tokens, 49152 rows: 2.0–2.2 s against 2.6–2.9 s).
+
+On the CPU with the extension built the per-chunk softmax work is the C++ kernel
 ``lmfuse._C.lce_chunk_grad_`` (one read of each row, one exp per element, ``G`` written in place);
 elsewhere it is PyTorch. Precision and the workspace are as in :mod:`._lce_chunked` (bfloat16 /
 float16 logits are rounded to their dtype before the float32 softmax, as eager rounds them).
@@ -108,17 +110,16 @@ def _fwd_op(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
         e = min(N, s + rows)
         u = _logits(hidden2d[s:e], wv, bv)
         tc = target[s:e]
-        # each token's log-sum-exp for the vocabulary-blocked backward: ℓ + z_t where the target is in
-        # range, computed over the row where it is not; +inf (= no gradient) on ignored rows
         valid = tc != ignore_index
-        inr = valid & (tc >= 0) & (tc < vocab_size)
-        zt = _squash(u.gather(1, tc.clamp(0, vocab_size - 1)[:, None]).squeeze(1), scale, softcap)
-        odd = valid & ~inr
-        if bool(odd.any()):
-            lse[s:e][odd] = torch.logsumexp(_squash(u[odd], scale, softcap), 1)
-        li = _chunk(u, tc, zero[s:e], ignore_index, scale, softcap, vocab_size, False, fused)
-        out[s:e] = li
-        lse[s:e] = torch.where(inr, li + zt, lse[s:e])
+        # a valid target outside [0, V') is scored at a clamped index, so that ℓ + z_t is the row's
+        # log-sum-exp for every valid row (no host-side branch); its log-prob is NaN below
+        tcl = torch.where(valid, tc.clamp(0, vocab_size - 1), tc)
+        li = _chunk(u, tcl, zero[s:e], ignore_index, scale, softcap, vocab_size, False, fused)
+        zt = _squash(u.gather(1, tcl.clamp(0, vocab_size - 1)[:, None]).squeeze(1), scale, softcap)
+        # each token's log-sum-exp for the vocabulary-blocked backward; +inf (= no gradient) on ignored rows
+        lse[s:e] = torch.where(valid, li + zt, lse[s:e])
+        odd = valid & ((tc < 0) | (tc >= vocab_size))
+        out[s:e] = torch.where(odd, torch.full_like(li, float("nan")), li)
         del u  # before the next chunk's block is allocated
     return out.neg_().add_(0.0), lse  # log p = −ℓ; + 0 turns the −0 of ignored rows into 0
 
