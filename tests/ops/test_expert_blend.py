@@ -272,7 +272,10 @@ def test_opcheck_chunked_op():
     E = 3
     op = torch.ops.lmfuse.expert_blend_chunked.default
     torch.library.opcheck(op, (d[:E], d[E:], b, g, target, tw, 61, -100, 0.1, [True] * (3 * E + 1), 4))
-    torch.library.opcheck(op, (d[:E], d[E:], b, g, target, tw, 60, 3, 0.0, [False, True, False] * 3 + [True], 9))
+    # vocab_size 60: targets in range (a valid target of 60 would make the loss NaN by design, and
+    # opcheck's NaN != NaN comparison fails; seed 982637300 drew one)
+    torch.library.opcheck(op, (d[:E], d[E:], b, g, target.clamp(0, 59), tw, 60, 3, 0.0,
+                               [False, True, False] * 3 + [True], 9))
 
 
 @pytest.mark.parametrize("frozen", [True, False])
