@@ -11,8 +11,10 @@ Cases (``op`` column):
 
 Providers:
 
-``lmfuse``            the op with its default backend; ``lmfuse-<backend>`` each backend forced
-                      (skipped where unavailable: Triton needs a GPU outside the tests)
+``lmfuse``            the op with its default path; ``lmfuse-<backend>`` each backend forced
+                      (skipped where unavailable: Triton needs a GPU outside the tests; a forced
+                      backend takes its statistics path, so on the CPU in float32 / bfloat16,
+                      where the default is the chunked ATen path, ``lmfuse-cpp`` is timed too)
 ``eager``             ``F.linear`` then ``F.cross_entropy`` / ``log_softmax`` on fp32 logits (what
                       ``transformers`` models do) — the baseline
 ``torch-chunked``     ``torch.nn.functional.linear_cross_entropy`` with
@@ -20,6 +22,8 @@ Providers:
                       on the CPU that picks chunks of a few rows and is not timed beyond the
                       tiny scale); ``torch-chunked-256``: the same with 256-row chunks
 ``trl-chunked``       TRL's ``ChunkedLogProbFunction`` (log-probs; when ``trl`` is importable)
+``lmfuse-frozen-head``, ``eager-frozen-head``  (log-probs) the same with the head frozen, as under
+                      LoRA: only ``hidden`` takes a gradient
 ``liger``, ``cce``    Liger-Kernel's fused linear CE and Apple's Cut Cross-Entropy (``cce`` and
                       ``cce_exact``), on CUDA when importable
 ``stock`` / ``fused`` (``lm_train_step``) the model's own loss / the fused one
@@ -153,25 +157,34 @@ def _default_backend(device: torch.device) -> str | None:
     return next((b for b in PREFERENCE.get(device.type, ()) if status.get(b) and status[b].available), None)
 
 
-def _lmfuse(inputs: _Inputs, kind: str, backend: str | None = None) -> Workload:
+def _lmfuse(inputs: _Inputs, kind: str, backend: str | None = None, frozen_head: bool = False) -> Workload:
     from lmfuse import ops
+    from lmfuse.ops.linear_cross_entropy import chunked_by_default
 
-    if backend is not None and backend == _default_backend(inputs.device) and inputs.spec.N > 64:
+    op_name = "linear_cross_entropy" if kind == "ce" else "linear_log_probs"
+    if (backend is not None and backend == _default_backend(inputs.device) and inputs.spec.N > 64
+            and not chunked_by_default(op_name, inputs.device, inputs.spec.torch_dtype)):
         raise ProviderUnavailable(f"{backend} is the default backend here: see the lmfuse row")
     h, w, t = inputs.get()
     op = ops.linear_cross_entropy if kind == "ce" else ops.linear_log_probs
+    if frozen_head:  # only the hidden states take a gradient (a frozen head, as under LoRA)
+        wf = w.detach()
+        return Workload(lambda: op(h, wf, t), [h])
     return forced_backend_workload(lambda: op(h, w, t), [h, w], backend)
 
 
-def _eager(inputs: _Inputs, kind: str) -> Workload:
+def _eager(inputs: _Inputs, kind: str, frozen_head: bool = False) -> Workload:
     h, w, t = inputs.get()
+    if frozen_head:
+        w = w.detach()
+    leaves = [h] if frozen_head else [h, w]
     if kind == "ce":
-        return Workload(lambda: F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100), [h, w])
+        return Workload(lambda: F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100), leaves)
 
     def logp():
         lp = torch.log_softmax(F.linear(h, w).float(), -1).gather(-1, t.clamp(min=0)[:, None])[:, 0]
         return lp.masked_fill(t == -100, 0.0)
-    return Workload(logp, [h, w])
+    return Workload(logp, leaves)
 
 
 def _torch_chunked(inputs: _Inputs, kind: str, chunk: int | None = None) -> Workload:
@@ -245,6 +258,9 @@ def _providers(spec: Spec, inputs: _Inputs) -> list[Provider]:
                 Provider("cce", mk(_cce, "cce")), Provider("cce-exact", mk(_cce, "cce_exact"))]
     else:
         out.append(Provider("trl-chunked", mk(_trl)))
+        # a frozen head (LoRA): only the hidden states take a gradient
+        out += [Provider("lmfuse-frozen-head", lambda: _lmfuse(inputs, kind, None, True)),
+                Provider("eager-frozen-head", lambda: _eager(inputs, kind, True))]
     return out
 
 

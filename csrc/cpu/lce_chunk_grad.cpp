@@ -80,9 +80,9 @@ LMFUSE_CG_INLINE void store_bf16(at::BFloat16* p, vf8 v, int64_t valid) {
   const vu8 rounded = (bits + (((bits >> 16) & 1u) + 0x7fffu)) >> 16;
   const vu8 nan = (vu8)((bits & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
   const vu8 out = (nan & ((bits >> 16) | 0x40u)) | (~nan & rounded);
-  uint16_t buf[8];
-  for (int j = 0; j < 8; ++j) buf[j] = static_cast<uint16_t>(out[j]);
-  std::memcpy(p, buf, sizeof(uint16_t) * std::min<int64_t>(8, valid));
+  typedef uint16_t vh8 __attribute__((vector_size(16)));
+  const vh8 narrow = __builtin_convertvector(out, vh8);
+  std::memcpy(p, &narrow, sizeof(uint16_t) * std::min<int64_t>(8, valid));
 }
 
 template <typename T>
@@ -95,8 +95,10 @@ LMFUSE_CG_INLINE void store8(T* p, vf8 v, int64_t valid) {
     }
   } else if constexpr (std::is_same<T, at::BFloat16>::value) {
     store_bf16(p, v, valid);
-  } else {
-    for (int64_t j = 0; j < std::min<int64_t>(8, valid); ++j) p[j] = static_cast<T>(v[j]);
+  } else {  // float16: round to nearest even, as c10::Half's conversion
+    typedef _Float16 vhf8 __attribute__((vector_size(16)));
+    const vhf8 narrow = __builtin_convertvector(v, vhf8);
+    std::memcpy(p, &narrow, sizeof(uint16_t) * std::min<int64_t>(8, valid));
   }
 }
 

@@ -38,6 +38,7 @@ def chunked(request, monkeypatch):
     with the chunk's softmax gradient in the C++ kernel (``lce_chunk_grad_``, the CPU default) and
     once in PyTorch (the path elsewhere)."""
     monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
+    monkeypatch.setattr(_lce_chunked, "MIN_ROWS", 1)  # chunks of a few rows at these tiny shapes
     if request.param == "torch":
         monkeypatch.setattr(_lce_chunked, "fused_cpu", lambda h2: False)
         monkeypatch.setattr(_lce_chunked, "WORKSPACE_BYTES", 4 * 1024 * 6)  # 6 rows at V' ≈ 1000 in float32
@@ -115,6 +116,17 @@ def test_float32_matches_float64_reference(chunked, reduction, bias, weights, op
         assert rel_error(gx, gr) < 2e-5, (name, rel_error(gx, gr))
 
 
+def test_chunk_rows_rule():
+    """Rows per chunk fill the workspace (28 MiB: 149 float32 rows at SmolLM2's V = 49152), never
+    fewer than MIN_ROWS (a 128k vocabulary would give 57 float32 rows), never more than N."""
+    rows = _lce_chunked.chunk_rows
+    assert rows(2048, 49152, torch.float32, False, True) == (28 << 20) // (4 * 49152) == 149
+    assert rows(2048, 49152, torch.bfloat16, False, True) == 298
+    assert rows(2048, 128256, torch.float32, False, True) == _lce_chunked.MIN_ROWS == 128
+    assert rows(100, 128256, torch.float32, False, True) == 100
+    assert rows(0, 49152, torch.float32, False, True) == 1
+
+
 def test_path_is_taken_and_not_taken(monkeypatch):
     """The static rule: scalar reduction, no return_lse, grad wanted; forced on/off by the env."""
     taken = []
@@ -126,22 +138,26 @@ def test_path_is_taken_and_not_taken(monkeypatch):
     monkeypatch.delenv("LMFUSE_BACKEND", raising=False)
     linear_cross_entropy(hb, wb, t)
     assert len(taken) == 1  # default for bfloat16 training on CPU
+    linear_cross_entropy(*_leaves((h, w), torch.float32), t)
+    assert len(taken) == 2  # and for float32
+    linear_cross_entropy(*_leaves((h, w), torch.float16), t)
+    assert len(taken) == 2  # not for float16 (the cpp kernels)
     linear_cross_entropy(hb, wb, t, reduction="none")
     linear_cross_entropy(hb, wb, t, return_lse=True)
     with torch.no_grad():
         linear_cross_entropy(hb, wb, t)
     linear_cross_entropy(hb.detach(), wb.detach(), t)
-    assert len(taken) == 1
+    assert len(taken) == 2
     monkeypatch.setenv("LMFUSE_BACKEND", "reference")  # a forced backend keeps the statistics path
     linear_cross_entropy(hb, wb, t)
-    assert len(taken) == 1
+    assert len(taken) == 2
     monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "0")
     monkeypatch.delenv("LMFUSE_BACKEND")
     linear_cross_entropy(hb, wb, t)
-    assert len(taken) == 1
+    assert len(taken) == 2
     monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
     linear_cross_entropy(*_leaves((h, w), torch.float32), t, reduction="sum")
-    assert len(taken) == 2
+    assert len(taken) == 3
     monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "yes")
     with pytest.raises(ValueError, match="LMFUSE_LCE_CHUNKED"):
         linear_cross_entropy(hb, wb, t)
@@ -250,29 +266,48 @@ class _Shapes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("mean", [True, False])
-def test_backward_allocates_one_copy_of_each_gradient(chunked, mean):
-    """The backward only scales the gradients computed in the forward: one new weight-sized and one
-    hidden-sized tensor, no zero-filled gradients for the op's other outputs; the results equal the
-    reference, and three backwards through the retained graph accumulate to three times it (the
-    stored gradients are never modified)."""
+def test_backward_allocates_no_gradient_copy_unless_retained(chunked, mean):
+    """The backward only scales the gradients computed in the forward. When the graph is freed
+    after it (a plain ``backward()``) it scales them in place and autograd adopts them as
+    ``.grad``: no new weight- or hidden-sized tensor at all. Through a retained graph it makes one
+    new weight-sized and one hidden-sized tensor per backward (never zero-filled gradients for the
+    op's other outputs), and three backwards through it accumulate to three times the reference:
+    the stored gradients are not modified while the graph is kept."""
     h, w, _, t, _, _ = _data(12)
     red = "mean" if mean else "sum"
     rh, rw = _leaves((h, w), torch.float64)
     reference(rh, rw, t, reduction=red).backward()
     hh, ww = _leaves((h, w), torch.float32)
-    loss = linear_cross_entropy(hh, ww, t, reduction=red)
+    loss = linear_cross_entropy(hh, ww, t, reduction=red) * 0.5
     with _Shapes() as seen:
         loss.backward()
-    assert seen.shapes.count((V, H)) == 1 and seen.shapes.count((N, H)) == 1, seen.shapes
+    assert seen.shapes.count((V, H)) == 0 and seen.shapes.count((N, H)) == 0, seen.shapes
     for out, ref in ((hh.grad, rh.grad), (ww.grad, rw.grad)):
-        assert rel_error(out, ref) < 1e-5
+        assert rel_error(out, 0.5 * ref) < 1e-5
     hh.grad = ww.grad = None
     loss = linear_cross_entropy(hh, ww, t, reduction=red)
-    loss.backward(retain_graph=True)
+    with _Shapes() as seen:
+        loss.backward(retain_graph=True)
+    assert seen.shapes.count((V, H)) == 1 and seen.shapes.count((N, H)) == 1, seen.shapes
     loss.backward(retain_graph=True)
     loss.backward()
     for out, ref in ((hh.grad, rh.grad), (ww.grad, rw.grad)):
         assert rel_error(out, 3 * ref) < 1e-5
+
+
+def test_in_place_backward_after_a_retained_one():
+    """A retained backward, then the last one (graph freed, in place): the last one still starts
+    from the unscaled gradients, and ``.grad`` accumulates both."""
+    h, w, _, t, _, _ = _data(13)
+    rh, rw = _leaves((h, w), torch.float64)
+    reference(rh, rw, t).backward()
+    hh, ww = _leaves((h, w), torch.float32)
+    loss = linear_cross_entropy(hh, ww, t)
+    g_kept = torch.autograd.grad(loss * 3.0, [hh, ww], retain_graph=True)
+    (loss * -2.0).backward()
+    for kept, acc, ref in zip(g_kept, (hh.grad, ww.grad), (rh.grad, rw.grad)):
+        assert rel_error(kept, 3 * ref) < 1e-5
+        assert rel_error(acc, -2 * ref) < 1e-5
 
 
 def test_opcheck():

@@ -34,6 +34,7 @@ def chunked(request, monkeypatch):
     69 with a softcap). In the first two the blocks are too narrow (< MIN_BLOCK_COLS), so float32
     takes the token-chunked backward."""
     monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
+    monkeypatch.setattr(_lce_chunked, "MIN_ROWS", 1)  # chunks of a few rows at these tiny shapes
     if request.param == "torch":
         monkeypatch.setattr(_llp_chunked, "fused_cpu", lambda h2: False)
         monkeypatch.setattr(_lce_chunked, "fused_cpu", lambda h2: False)
@@ -161,15 +162,17 @@ def test_lse_output_and_vocabulary_blocks_equal_token_chunks(monkeypatch):
 
 
 def test_path_is_taken_and_not_taken(monkeypatch):
-    """The static rule: CPU float32 / bfloat16 with a gradient wanted, no entropy / argmax; forced
-    on / off by LMFUSE_LCE_CHUNKED; a forced backend keeps its own path."""
+    """The static rule: CPU bfloat16 with a gradient wanted, float32 with only the hidden states
+    taking one (a frozen head), no entropy / argmax; forced on / off by LMFUSE_LCE_CHUNKED; a forced
+    backend keeps its own path."""
     calls = _spy(monkeypatch)
     monkeypatch.delenv("LMFUSE_LCE_CHUNKED", raising=False)
     monkeypatch.delenv("LMFUSE_BACKEND", raising=False)
     h, w, _, t, _ = _data(4)
-    for dt in (torch.float32, torch.bfloat16):
-        hh, ww = _leaves((h, w), dt)
-        linear_log_probs(hh, ww, t)
+    linear_log_probs(*_leaves((h, w), torch.bfloat16), t)
+    linear_log_probs(_leaves((h,), torch.float32)[0], w.float(), t)  # float32, frozen head
+    assert len(calls) == 2
+    linear_log_probs(*_leaves((h, w), torch.float32), t)  # float32, trainable head: the cpp kernels
     assert len(calls) == 2
     hh, ww = _leaves((h, w), torch.float32)
     linear_log_probs(hh, ww, t, return_entropy=True)
@@ -214,3 +217,126 @@ def test_compile_fullgraph_matches_eager(chunked, monkeypatch):
     torch.testing.assert_close(out_a, out_c, rtol=1e-6, atol=1e-6)
     for x, y in zip(grads_a, grads_c):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# -- frozen head: the hidden gradient's direction formed in the forward ---------------------------
+def _node_names(out):
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn.name() not in names:
+            names.add(fn.name())
+            todo += [f for f, _ in fn.next_functions]
+    return names
+
+
+def _frozen_run(fn, h, w, b, t, up, **kw):
+    out = fn(h, w, t, bias=b, **kw)
+    (grad,) = torch.autograd.grad((out * up.to(out.dtype)).sum(), [h])
+    return out.detach(), grad, out
+
+
+HIDDEN_NODE = "GeneratedBackwardFor_lmfuse_llp_chunked_hidden_defaultBackward"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+def test_frozen_head_matches_float64_reference(chunked, bias, opts):
+    """Only the hidden states take a gradient (a frozen head and bias, as under LoRA): the op forms
+    ``∂logp/∂hidden`` per token in the forward and the backward scales it by the upstream gradient."""
+    h, w, b, t, up = _data(11, bias, opts.get("vocab_size", V))
+    ref, ref_grad, _ = _frozen_run(log_probs_reference, h.clone().requires_grad_(), w, b, t, up, **opts)
+    hh = _leaves((h,), torch.float32)[0]
+    out, grad, node = _frozen_run(linear_log_probs, hh, w.float(), None if b is None else b.float(), t, up, **opts)
+    assert HIDDEN_NODE in _node_names(node)
+    assert torch.equal(out[::5], torch.zeros_like(out[::5])) and not torch.signbit(out[::5]).any()
+    assert rel_error(out, ref) < 1e-5
+    assert torch.equal(grad[::5], torch.zeros_like(grad[::5]))  # ignored rows
+    assert rel_error(grad, ref_grad) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_head_low_precision_within_a_small_multiple_of_eager(chunked, dtype):
+    h, w, b, t, up = _data(12, True)
+    ref, ref_grad, _ = _frozen_run(log_probs_reference, h.clone().requires_grad_(), w, b, t, up, softcap=4.0)
+
+    def eager(h, w, t, bias=None, softcap=None):
+        z = torch.nn.functional.linear(h, w, bias).float()
+        z = softcap * torch.tanh(z / softcap)
+        return torch.log_softmax(z, -1).gather(-1, t.clamp(min=0)[:, None])[:, 0].masked_fill(t == IGN, 0.0)
+
+    _, e_grad, _ = _frozen_run(eager, _leaves((h,), dtype)[0], w.to(dtype), b.to(dtype), t, up, softcap=4.0)
+    e_out = eager(h.to(dtype), w.to(dtype), t, b.to(dtype), 4.0)
+    out, grad, node = _frozen_run(linear_log_probs, _leaves((h,), dtype)[0], w.to(dtype), b.to(dtype), t, up,
+                                  softcap=4.0)
+    assert HIDDEN_NODE in _node_names(node)
+    assert grad.dtype == dtype
+    assert rel_error(out, ref) <= 2 * rel_error(e_out, ref) + 1e-6
+    assert rel_error(grad, ref_grad) <= 2 * rel_error(e_grad, ref_grad) + 1e-6, (rel_error(grad, ref_grad),
+                                                                                 rel_error(e_grad, ref_grad))
+
+
+def test_frozen_head_backward_is_a_product(chunked):
+    """The backward makes one hidden-sized tensor and nothing with a vocabulary dimension (no
+    logits recomputed); two backwards through a retained graph give the same gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    self.shapes.append(tuple(o.shape))
+            return out
+
+    h, w, _, t, up = _data(13)
+    hh = _leaves((h,), torch.float32)[0]
+    out = linear_log_probs(hh, w.float(), t)
+    with Shapes() as seen:
+        g1 = torch.autograd.grad(out, [hh], up.float(), retain_graph=True)[0]
+    assert (N, H) in seen.shapes and not any(V in s for s in seen.shapes), seen.shapes
+    g2 = torch.autograd.grad(out, [hh], up.float())[0]
+    assert torch.equal(g1, g2)
+
+
+def test_frozen_head_out_of_range_target_and_trainable_path_agree():
+    """A valid target outside the vocabulary (the ops behind the public one, which refuses it on the
+    CPU): NaN log-prob, and the same finite hidden gradient as the op for a trainable head gives
+    (no one-hot term for that row)."""
+    h, w, b, t, up = _data(14, True, 990)
+    t[3] = 995
+    args = (990, IGN, 0.8, 3.0)
+    hh = _leaves((h,), torch.float32)[0]
+    out, basis = torch.ops.lmfuse.llp_chunked_hidden(hh, w.float(), b.float(), t, *args)
+    grad = torch.autograd.grad(out, [hh], up.float())[0]
+    hh2, ww2 = _leaves((h, w), torch.float32)
+    out2, _ = torch.ops.lmfuse.llp_chunked(hh2, ww2, b.float(), t, *args)
+    grad2 = torch.autograd.grad(out2, [hh2], up.float())[0]
+    assert torch.isnan(out[3]) and torch.isnan(out2[3])
+    keep = torch.arange(N) != 3
+    assert rel_error(out[keep].detach(), out2[keep].detach()) < 1e-6
+    assert torch.isfinite(grad).all() and rel_error(grad, grad2) < 1e-5
+    assert torch.equal(basis[t == IGN], torch.zeros_like(basis[t == IGN]))
+
+
+def test_frozen_head_opcheck_and_compile(monkeypatch):
+    monkeypatch.setenv("LMFUSE_LCE_CHUNKED", "1")
+    h, w, b, t, up = _data(15, True)
+    hh = _leaves((h,), torch.float32)[0]
+    torch.library.opcheck(torch.ops.lmfuse.llp_chunked_hidden.default,
+                          (hh, w.float(), b.float(), t, V, IGN, 0.8, 3.0))
+    torch.library.opcheck(torch.ops.lmfuse.llp_chunked_hidden.default,
+                          (hh, w.float(), None, t.clamp(0, 899), 900, IGN, 1.0, None))
+    fn = torch.compile(lambda h, w, b, t: linear_log_probs(h, w, t, bias=b, softcap=5.0, temperature=0.9),
+                       fullgraph=True, backend="aot_eager")
+    a, c = _leaves((h,), torch.float32)[0], _leaves((h,), torch.float32)[0]
+    out_a, grad_a, _ = _frozen_run(lambda h, w, t, bias=None: fn(h, w, bias, t), a, w.float(), b.float(), t, up)
+    out_c, grad_c, node = _frozen_run(linear_log_probs, c, w.float(), b.float(), t, up, softcap=5.0,
+                                      temperature=0.9)
+    assert HIDDEN_NODE in _node_names(node)
+    torch.testing.assert_close(out_a, out_c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_a, grad_c, rtol=1e-5, atol=1e-6)

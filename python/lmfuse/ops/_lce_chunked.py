@@ -7,7 +7,8 @@ the gradients of that loss: per chunk of ``rows`` tokens it forms the logits ``[
 one GEMM, the softmax and the logit gradient ``G`` in place (float32), then ``dhidden[chunk] = G·W'``
 and ``dweight[:V'] += Gᵀ·hidden[chunk]`` (and ``dbias``). Three GEMMs in all, like eager PyTorch,
 against four for the statistics path (which recomputes the logits in the backward). The backward
-of the op only scales the stored gradients by the upstream scalar gradient; the gradient w.r.t.
+of the op only scales the stored gradients by the upstream scalar gradient (in place when the
+autograd graph is freed after it, so the weight gradient is never held twice); the gradient w.r.t.
 ``tw`` is ``g·ℓ`` (``ℓ`` is the op's second output), so token weights and the mean normaliser are
 differentiated by autograd exactly.
 
@@ -28,8 +29,10 @@ gradients. The price: over 20 chunks (2048 tokens, 106 per chunk) the bfloat16 `
 about twice the relative error of eager bfloat16's (4.9e-3 against 2.4e-3 vs float64, V = 8192,
 H = 576); ``dhidden`` and ``dbias`` are as accurate as eager's.
 
-Memory: besides the gradients themselves (which eager produces too) the workspace is a few
-``[rows, V']`` blocks; ``rows`` comes from :data:`WORKSPACE_BYTES`.
+Memory: besides the gradients themselves (which eager produces too) the workspace is one
+``[rows, V']`` block in the input dtype on the CPU with the extension (the C++ kernel turns the
+GEMM's output into ``G`` in place; the same block serves every chunk), a few float32 ones
+elsewhere; ``rows`` comes from :data:`WORKSPACE_BYTES` and :data:`MIN_ROWS`.
 """
 
 from __future__ import annotations
@@ -42,10 +45,14 @@ from torch import Tensor
 from .. import _backend
 
 # Bytes of the per-chunk workspace (the float32 logits turned in place into G, the low-precision
-# logits and G, the softcap's tanh). At H = 576, V = 49152, N = 2048 eager holds ~805 MB (fp32) /
-# ~400 MB (bf16) of logits and softmax gradients; 40 MiB is 213 (fp32) / 106 (bf16) tokens per
-# chunk there, tall enough for the GEMMs to run near full speed.
-WORKSPACE_BYTES = 40 << 20
+# logits and G, the softcap's tanh). At H = 576, V = 49152, N = 2048 eager holds 1152 MiB of float32
+# logits, log-softmax and its gradient; the chunked path holds the weight gradient (108 MiB in
+# float32, which eager produces too), dhidden and this workspace, 28 MiB (149 float32 / 298 bf16
+# tokens per chunk there), so that all of it stays within an eighth of eager's.
+WORKSPACE_BYTES = 28 << 20
+# Never fewer tokens per chunk than this (where there are that many): MKL's GEMMs run far below
+# the CPU's speed with a few dozen rows (at V = 128256 in float32 the workspace alone would give 57).
+MIN_ROWS = 128
 
 
 def fused_cpu(h2: Tensor) -> bool:
@@ -59,7 +66,8 @@ def fused_cpu(h2: Tensor) -> bool:
 
 
 def chunk_rows(n: int, vocab_size: int, dtype: torch.dtype, softcap: bool, fused: bool = False) -> int:
-    """Tokens per chunk so that the workspace stays within :data:`WORKSPACE_BYTES`."""
+    """Tokens per chunk: the workspace fills :data:`WORKSPACE_BYTES`, with at least
+    :data:`MIN_ROWS` tokens (and at most ``n``)."""
     ct = 8 if dtype == torch.float64 else 4
     if fused:  # one [rows, V'] block in the input dtype
         per_elem = dtype.itemsize
@@ -67,7 +75,7 @@ def chunk_rows(n: int, vocab_size: int, dtype: torch.dtype, softcap: bool, fused
         per_elem = ct + (2 * dtype.itemsize if dtype in (torch.bfloat16, torch.float16) else 0)
         if softcap:
             per_elem += ct
-    return max(1, min(max(n, 1), WORKSPACE_BYTES // (per_elem * vocab_size)))
+    return max(1, min(max(n, 1), max(MIN_ROWS, WORKSPACE_BYTES // (per_elem * vocab_size))))
 
 
 def _gradient_gemms(g: Tensor, hc: Tensor, wv: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
@@ -103,11 +111,22 @@ def _forward(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     tw = torch.where(target != ignore_index, tw.to(ct), torch.zeros((), dtype=ct, device=h2.device))
     fused = fused_cpu(h2)
     tw32 = tw.to(torch.float32).contiguous() if fused else None
-    for s in range(0, N, max(1, rows)):
+    rows = max(1, rows)
+    # one workspace for every chunk's logits (the fused kernel turns it into G in place): a fresh
+    # [rows, V'] block per chunk would be a new mapping each time, paid for again in page faults
+    ws = torch.empty((min(rows, N), vocab_size), dtype=dt, device=h2.device) if fused else None
+    for s in range(0, N, rows):
         e = min(N, s + rows)
         hc, tc, twc = h2[s:e], target[s:e], tw[s:e]
         # logits in the input dtype (as F.linear), then float32 for the softmax
-        u = torch.addmm(bv, hc, wv.t()) if bv is not None else hc @ wv.t()
+        if fused:
+            u = ws[: e - s]
+            if bv is not None:
+                torch.addmm(bv, hc, wv.t(), out=u)
+            else:
+                torch.mm(hc, wv.t(), out=u)
+        else:
+            u = torch.addmm(bv, hc, wv.t()) if bv is not None else hc @ wv.t()
         if fused:  # loss and (in place) G by the C++ kernel, then the two gradient GEMMs
             ltok[s:e] = _backend.cpu_extension().lce_chunk_grad_(
                 u, tc, tw32[s:e], ignore_index, scale, 0.0 if softcap is None else softcap, eps, lam, any_grad)
@@ -200,17 +219,33 @@ def _setup_context(ctx, inputs, output):
     ctx.have = (bool(need[0]), bool(need[1]), bool(need[2]) and inputs[2] is not None)
 
 
+def _frees_graph(g: Tensor) -> bool:
+    """True in an eager backward whose graph is freed after it (no ``retain_graph`` /
+    ``create_graph``): no later backward can read the stored gradients again. Traced backwards
+    (torch.compile, opcheck) see tensor subclasses or are compiling: False there; outside any
+    backward the engine reports a kept graph, so False too."""
+    if type(g) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    return not torch._C._autograd._get_current_graph_task_keep_graph()
+
+
 def _backward(ctx, g_loss, _g_ltok, _g_dh, _g_dw, _g_db):
-    # Out of place: the stored gradients stay valid for a second backward (retain_graph=True) and
-    # for torch.compile; it costs one more copy of each gradient while the backward runs. (Returning
-    # a stored gradient itself when the upstream gradient is 1 would let autograd adopt it as
-    # ``.grad`` and add the next backward's gradient into it in place.)
+    # When the graph is freed after this backward (the usual ``loss.backward()``), the stored
+    # gradients are scaled in place and handed over: no second copy of the weight gradient at the
+    # backward's peak (108 MiB at V = 49152, H = 576 in float32), and autograd can adopt it as
+    # ``.grad``. Otherwise (``retain_graph=True``, ``create_graph=True``, traced) out of place, so
+    # that they stay valid for the next backward.
     ltok, dh, dw, db = ctx.saved_tensors
     n = ctx.needs_input_grad
     g = g_loss.float()
+    in_place = _frees_graph(g)
     out = []
     for grad, have, wanted in zip((dh, dw, db), ctx.have, n[:3]):
-        out.append(grad * g.to(grad.dtype) if (have and wanted) else None)
+        if not (have and wanted):
+            out.append(None)
+        else:
+            f = g.to(grad.dtype)
+            out.append(grad.mul_(f) if in_place else grad * f)
     g_tw = g * ltok if n[4] else None
     return (*out, None, g_tw) + (None,) * 8
 

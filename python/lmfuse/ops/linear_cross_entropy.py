@@ -78,13 +78,14 @@ Besides the statistics op, ``linear_cross_entropy`` has a gradient-in-forward pa
 ``"sum"`` without ``return_lse``: per token chunk one GEMM gives the logits, the softmax and the
 logit gradient are formed in place, and ``dhidden`` / ``dweight`` / ``dbias`` are computed there
 (three GEMMs in all, like eager, against four for forward statistics + recomputing backward); the
-backward only scales them by the upstream gradient. Its GEMMs run in the input dtype, so bfloat16 /
+backward only scales them by the upstream gradient (in place when the graph is freed after it, so
+the weight gradient is never held twice). Its GEMMs run in the input dtype, so bfloat16 /
 float16 logits are rounded to that dtype before the float32 softmax, as eager ``F.linear`` rounds
 them, and a low-precision weight gradient is accumulated in its dtype, rounded once per chunk. The
-choice is static: it is taken by default only on CPU, for bfloat16, when a gradient of hidden,
-weight or bias is wanted (grad mode on) and no backend is forced — where it measured faster than
-the ``cpp`` kernels, which convert to float32; in float32 and without gradients the statistics op
-(``cpp`` forward, one GEMM) stays. ``LMFUSE_LCE_CHUNKED=1`` forces the path for every eligible call
+choice is static: it is taken by default only on CPU, for float32 and bfloat16, when a gradient of
+hidden, weight or bias is wanted (grad mode on) and no backend is forced — where it measured faster
+than the ``cpp`` kernels (float16 keeps them); without gradients the statistics op (``cpp``
+forward, one GEMM) stays. ``LMFUSE_LCE_CHUNKED=1`` forces the path for every eligible call
 (any device and kernel dtype, with or without gradients), ``0`` disables it; ``LMFUSE_BACKEND``
 (``cpp`` / ``reference`` / ...) set and ``LMFUSE_LCE_CHUNKED`` unset keeps the forced backend's
 statistics path.
@@ -275,8 +276,9 @@ def _nan_out_of_range(x: Tensor, target2: Tensor, valid: Tensor, vocab_size: int
 # ----------------------------------------------------------------------------- path choice
 _CHUNKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Where the gradient-in-forward path is the default (CPU training): bfloat16, whose GEMMs run in
-# bfloat16 there; in float32 the cpp kernels measured as fast or faster.
-_CHUNKED_DEFAULT_DTYPES = (torch.bfloat16,)
+# bfloat16 there, and float32, where its three GEMMs beat the cpp kernels' four (float16 GEMMs are
+# slow on most CPUs: the cpp kernels, which convert to float32, stay).
+_CHUNKED_DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _chunked_mode() -> str:
@@ -307,9 +309,34 @@ def _takes_chunked(h2: Tensor, need: list[bool], default_dtypes: tuple = _CHUNKE
     return mode == "auto" and h2.device.type == "cpu" and h2.dtype in default_dtypes and any(need)
 
 
-# Where linear_log_probs takes its chunked path by default (CPU training): float32 and bfloat16,
-# where ATen's GEMMs plus the in-place softmax kernel measured faster than the cpp kernels.
-_LOGP_CHUNKED_DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
+# Where linear_log_probs takes its chunked path by default (CPU training): bfloat16, where ATen's
+# bf16 GEMMs plus the in-place softmax kernel measured faster than the cpp kernels, and float32 with
+# a frozen head (two GEMMs); a trainable float32 head keeps the cpp kernels (the chunked path's four
+# ATen GEMMs measured slower: 0.82x eager against 0.97x, 2048 tokens at SmolLM2's head).
+_LOGP_CHUNKED_DEFAULT_DTYPES = (torch.bfloat16,)
+_LOGP_FROZEN_HEAD_CHUNKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _logp_default_dtypes(need: list[bool]) -> tuple:
+    frozen_head = bool(need[0]) and not need[1] and not need[2]
+    return _LOGP_FROZEN_HEAD_CHUNKED_DTYPES if frozen_head else _LOGP_CHUNKED_DEFAULT_DTYPES
+
+
+def chunked_by_default(op: str, device: torch.device, dtype: torch.dtype, frozen_head: bool = False) -> bool:
+    """Whether a call of ``op`` ("linear_cross_entropy" or "linear_log_probs") that wants a gradient
+    (of the hidden states only when ``frozen_head``) takes the chunked ATen-GEMM path rather than a
+    backend's statistics path, with the environment as it is now. For benchmarks and tools that
+    report which path ran."""
+    if op == "linear_cross_entropy":
+        dtypes = _CHUNKED_DEFAULT_DTYPES
+    elif op == "linear_log_probs":
+        dtypes = _logp_default_dtypes([True, not frozen_head, False])
+    else:
+        raise ValueError(f"op must be 'linear_cross_entropy' or 'linear_log_probs', got {op!r}")
+    mode = _chunked_mode()
+    if mode == "on":
+        return dtype in _CHUNKED_DTYPES
+    return mode == "auto" and torch.device(device).type == "cpu" and dtype in dtypes
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -407,7 +434,7 @@ def linear_log_probs(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Op
     temp = _check_number("temperature", temperature, positive=True)
     h2, t2 = _flat(hidden, target)
     need = _chunked_need(hidden, weight, bias)
-    if not return_entropy and not return_argmax and _takes_chunked(h2, need, _LOGP_CHUNKED_DEFAULT_DTYPES):
+    if not return_entropy and not return_argmax and _takes_chunked(h2, need, _logp_default_dtypes(need)):
         logp = _llp_chunked.log_probs(h2, weight, bias, t2, vs, ignore_index, 1.0 / temp,
                                       None if softcap is None else float(softcap))
         return logp.reshape(target.shape)
