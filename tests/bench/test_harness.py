@@ -453,3 +453,41 @@ def test_run_info_records_the_checkout_commit():
         pytest.skip("not a git checkout")
     assert run_info(torch.device("cpu")).git_commit == head.stdout.strip()
     assert run_info(torch.device("cpu"), "abc").git_commit == "abc"
+
+
+def test_paired_ratio_sees_a_known_ratio_despite_a_drifting_machine():
+    """Target sleeps 0.1 s, baseline 0.3 s, and every call of both gets 10 % slower as the run goes
+    on (a machine whose speed drifts): the paired ratio stays near 3 (each pair shares the drift),
+    while blocks timed one after the other would not. Bounds leave room for a busy machine's
+    oversleeping (tens of ms per call pull the ratio towards 1)."""
+    from lmfuse.bench.harness import paired_ratio
+
+    calls = [0]
+
+    def sleeper(base):
+        def fn():
+            calls[0] += 1
+            time.sleep(base * (1 + 0.1 * calls[0]))  # 10 % slower per call
+        return fn
+
+    r = paired_ratio(sleeper(0.1), sleeper(0.3), reps=4)
+    assert 1.8 < r < 3.6, r
+
+
+def test_paired_speedup_recorded_for_cpu_cases_that_ask_and_reported():
+    # 0.1 s against 0.3 s of sleep: a ratio of 3, which a loaded machine's oversleeping (tens of ms
+    # per call) pulls towards 1, never below 1.8 for a lag under 150 ms
+    fast, slow = _matmul_provider("fast", sleep_s=0.1), _matmul_provider("slow", sleep_s=0.3)
+    policy = TimingPolicy(cpu_warmup=0, cpu_budget_s=0.0, cpu_min_reps=1, cpu_max_reps=1, cpu_paired_reps=3)
+    ms = run_case(_case([fast, slow], paired=True), policy)
+    full = {m.provider: m for m in ms if m.mode == "full"}
+    assert 1.8 < full["fast"].paired_speedup < 4.5 and full["fast"].paired_reps == 3
+    assert all(m.paired_speedup is None for m in ms if (m.provider, m.mode) != ("fast", "full"))
+    info = RunInfo("cpu", "2.x", None, "abc", "now")
+    rows = [r for r in to_rows(ms, None, info) if r["metric"] == "paired_speedup"]
+    assert len(rows) == 1 and rows[0]["provider"] == "fast" and "3 alternating pairs" in rows[0]["note"]
+    assert "(paired " in format_table(ms)
+    # not asked for, or the baseline did not run: no paired ratio
+    assert all(m.paired_speedup is None for m in run_case(_case([fast, slow]), policy))
+    ms = run_case(_case([fast, Provider("slow", _unavailable)], paired=True), policy)
+    assert all(m.paired_speedup is None for m in ms)

@@ -92,7 +92,11 @@ class Case:
     (for tiny, launch-bound ops). ``note`` goes into every row (e.g. "inputs fit in L2").
     ``headline`` marks the case(s) ``lmfuse bench`` runs first, before any op's other cases (when
     no case of a module is marked, its first case is the headline): the one number to have if a
-    time budget cuts the run short.
+    time budget cuts the run short. ``paired`` (CPU): after the usual timings, the target and the
+    baseline are timed again in ``full`` mode in alternating pairs (``policy.cpu_paired_reps``,
+    the order swapped every pair) and the median of the per-pair ratios baseline / target is
+    recorded as the target's ``paired_speedup``: a machine whose speed drifts during the run
+    (shared hosts) biases the ratio of two medians taken minutes apart, not this one.
     """
 
     op: str
@@ -107,6 +111,7 @@ class Case:
     cuda_graph: bool = False
     note: str = ""
     headline: bool = False
+    paired: bool = False
 
 
 @dataclass
@@ -126,6 +131,8 @@ class Measurement:
     nbytes: float | None = None
     baseline: str | None = None
     target: str | None = None
+    paired_speedup: float | None = None  # see Case.paired
+    paired_reps: int = 0
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -212,7 +219,44 @@ def run_case(case: Case, policy: TimingPolicy, modes: Sequence[str] = MODES) -> 
                 record(prov, mode, "error", f"{type(e).__name__}: {e}")
         del work
         _release(case.device)
+    if case.paired and case.device.type == "cpu" and "full" in wanted and policy.cpu_paired_reps > 0:
+        _paired(case, out, policy.cpu_paired_reps)
     return out
+
+
+def paired_ratio(target: Callable[[], object], baseline: Callable[[], object], reps: int) -> float:
+    """Median over ``reps`` pairs of (baseline time / target time), the two called back to back
+    and the order swapped every pair (after one untimed call of each)."""
+    import statistics
+    import time
+
+    target()
+    baseline()
+    ratios = []
+    for i in range(reps):
+        times = {}
+        for name, fn in (("t", target), ("b", baseline)) if i % 2 == 0 else (("b", baseline), ("t", target)):
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        ratios.append(times["b"] / times["t"])
+    return statistics.median(ratios)
+
+
+def _paired(case: Case, out: list[Measurement], reps: int) -> None:
+    """Fill the target's ``paired_speedup`` in ``full`` mode where target and baseline both ran."""
+    by_name = {m.provider: m for m in out if m.mode == "full"}
+    tm, bm = by_name.get(case.target), by_name.get(case.baseline)
+    if tm is None or bm is None or tm.status != "ok" or bm.status != "ok":
+        return
+    provs = {p.name: p for p in case.providers}
+    try:
+        t_work, b_work = provs[case.target].build(), provs[case.baseline].build()
+        tm.paired_speedup = paired_ratio(_mode_callable(t_work, "full"), _mode_callable(b_work, "full"), reps)
+        tm.paired_reps = reps
+    except Exception as e:  # keep the case's timings; say why the paired ratio is missing
+        tm.note += f"; paired timing failed: {type(e).__name__}: {e}"
+    _release(case.device)
 
 
 def speedups(measurements: Sequence[Measurement]) -> dict[tuple[str, str, str, str], float]:

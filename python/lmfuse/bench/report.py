@@ -9,6 +9,8 @@ triton, git commit, timestamp). Metrics:
 ``roofline_pct``       100 * roofline time / measured time, against the ceilings of this run
 ``peak_mem_mb``        CUDA only: ``max_memory_allocated`` during one call (inputs included)
 ``speedup``            baseline median / this provider's median (``note`` names the baseline)
+``paired_speedup``     CPU cases that ask for it: median of baseline / target times over
+                       alternating back-to-back pairs (``note`` says how many)
 ``status``             skipped/error providers: value is NaN, ``note`` says why
 """
 
@@ -144,6 +146,9 @@ def to_rows(measurements: Sequence[Measurement], ceilings: Ceilings | None, info
         s = speed.get((m.op, m.shape, m.dtype, m.mode, m.provider))
         if s is not None:
             rows.append(_row(m, info, "speedup", s, unit="x", note=f"vs {m.baseline}"))
+        if m.paired_speedup is not None:
+            rows.append(_row(m, info, "paired_speedup", m.paired_speedup, unit="x",
+                             note=f"vs {m.baseline}: median of {m.paired_reps} alternating pairs"))
     return rows
 
 
@@ -210,7 +215,9 @@ def format_table(measurements: Sequence[Measurement], ceilings: Ceilings | None 
         mine = case_pair[(op, shape, dtype, mode)]
         for pair in pairs:
             s = speed.get((op, shape, dtype, mode, pair[0])) if pair == mine else None
-            cells.append(f"{s:.2f}x" if s is not None else "")
+            m = by_key.get((op, shape, dtype, mode, pair[0])) if pair == mine else None
+            paired = f" (paired {m.paired_speedup:.2f}x)" if m is not None and m.paired_speedup is not None else ""
+            cells.append((f"{s:.2f}x" if s is not None else "") + paired)
         for t in targets:
             m = by_key.get((op, shape, dtype, mode, t))
             if ceilings and m is not None and m.status == "ok" and m.flops is not None:

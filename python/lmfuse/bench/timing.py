@@ -25,7 +25,8 @@ class TimingPolicy:
 
     ``warmup_ms``/``rep_ms`` go to ``do_bench`` on CUDA. On the CPU, ``cpu_warmup`` calls run
     untimed, then calls repeat until ``cpu_budget_s`` has passed, clamped to
-    ``[cpu_min_reps, cpu_max_reps]`` calls.
+    ``[cpu_min_reps, cpu_max_reps]`` calls. ``cpu_paired_reps``: pairs for a case's paired ratio
+    (:attr:`lmfuse.bench.harness.Case.paired`).
     """
 
     warmup_ms: int = 25
@@ -34,14 +35,18 @@ class TimingPolicy:
     cpu_budget_s: float = 0.3
     cpu_min_reps: int = 5
     cpu_max_reps: int = 200
+    # alternating target / baseline pairs for a case that asks for a paired ratio (CPU, ``full``)
+    cpu_paired_reps: int = 6
 
     @classmethod
     def for_scale(cls, scale: str) -> "TimingPolicy":
         """Policy for a benchmark scale: ``"tiny"`` (tests), ``"quick"`` or ``"full"``."""
         if scale == "tiny":
-            return cls(warmup_ms=5, rep_ms=10, cpu_warmup=1, cpu_budget_s=0.02, cpu_min_reps=3, cpu_max_reps=10)
+            return cls(warmup_ms=5, rep_ms=10, cpu_warmup=1, cpu_budget_s=0.02, cpu_min_reps=3, cpu_max_reps=10,
+                       cpu_paired_reps=2)
         if scale == "quick":
-            return cls(warmup_ms=10, rep_ms=50, cpu_warmup=1, cpu_budget_s=0.15, cpu_min_reps=5, cpu_max_reps=100)
+            return cls(warmup_ms=10, rep_ms=50, cpu_warmup=1, cpu_budget_s=0.15, cpu_min_reps=5, cpu_max_reps=100,
+                       cpu_paired_reps=4)
         return cls()
 
 
