@@ -343,3 +343,21 @@ def test_gradient_in_forward_path_repeated_backward():
         assert torch.equal(a, k)
         assert_close_to_reference(a, rg * up1.double(), F32, "first backward")
         assert_close_to_reference(b, rg * up2.double(), F32, "second backward")
+
+
+def test_gradient_in_forward_path_zero_upstream_then_second_backward():
+    """A retained backward with an upstream gradient of exactly 0, then another: the second is still
+    right (the stored gradients are left unscaled while the graph is kept; a scheme that scales them
+    in place and divides by the last factor later cannot recover from a factor of 0)."""
+    hiddens, weights, biases, gate, target = _inputs()
+    leaves = _leaves(hiddens, weights, biases, gate)
+    loss = expert_blend_cross_entropy(hiddens, weights, gate, target, biases=biases, vocab_size=V)
+    zero = torch.autograd.grad(loss, leaves, torch.zeros(()), retain_graph=True)
+    up = torch.rand(()) + 0.5
+    second = torch.autograd.grad(loss, leaves, up)
+    r = _double(hiddens, weights, biases, gate)
+    r_loss = expert_blend_cross_entropy_reference(r[0], r[1], r[3], target, biases=r[2], vocab_size=V)
+    r_grads = torch.autograd.grad(r_loss, _leaves(*r))
+    for z, b, rg in zip(zero, second, r_grads):
+        assert torch.equal(z, torch.zeros_like(z))
+        assert_close_to_reference(b, rg * up.double(), F32, "second backward")

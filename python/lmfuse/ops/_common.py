@@ -82,3 +82,14 @@ def cost_for_mode(fwd: tuple[int, int], bwd: tuple[int, int], mode: str) -> tupl
     if mode == "full":
         return fwd[0] + bwd[0], fwd[1] + bwd[1]
     raise ValueError(f"mode must be 'fwd', 'bwd' or 'full', got {mode!r}")
+
+
+def backward_frees_graph(grad: torch.Tensor) -> bool:
+    """True in an eager backward whose graph is freed after it (no ``retain_graph`` /
+    ``create_graph``): no later backward can read what the forward stored, so a gradient computed
+    in the forward may be scaled in place and handed to autograd. False in traced backwards
+    (torch.compile, opcheck: compiling, or tensor subclasses) and outside any backward (the engine
+    then reports a kept graph)."""
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    return not torch._C._autograd._get_current_graph_task_keep_graph()

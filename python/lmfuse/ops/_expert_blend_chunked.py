@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._common import backward_frees_graph
+
 # Bytes of the per-chunk float32 workspace (E expert logits, the blend turned into G in place, a
 # temporary). CPU: 96 MiB is ~100 tokens per chunk at E = 3, V' = 49152 (eager: 600 MB of float32
 # logits at N = 1024); CUDA: 512 MiB, ~840 tokens at V' = 32000, tall enough for cuBLAS.
@@ -152,11 +154,10 @@ def _setup_context(ctx, inputs, output):
     # allocate a zero tensor the size of every weight gradient for them in the backward
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
-    # The gradients are scaled in place by the first backward (no second copy of every weight
-    # gradient at its peak), so they are kept as detached aliases, not saved tensors (whose
-    # version check would refuse a second backward with retain_graph=True).
+    # The gradients are scaled in place by a backward that frees the graph (no second copy of
+    # every weight gradient at its peak), so they are kept as detached aliases, not saved tensors
+    # (whose version check would also refuse the in-place scaling).
     ctx.grads = [t.detach() for t in output[2:]]
-    ctx.applied = None
 
 
 def _backward(ctx, grads):
@@ -168,21 +169,15 @@ def _backward(ctx, grads):
         return [None] * E, [None] * E, [None] * E, None, None, None, None, None, None, None, None
     g = grads[0].float() if grads[0] is not None else torch.zeros((), device=ltok.device)
     flags = [list(x) if isinstance(x, (list, tuple)) else [bool(x)] * E for x in n[:3]]
-    first = ctx.applied is None
-    # traced backwards (torch.compile, opcheck) see tensor subclasses: no in-place there
-    eager = type(g) is torch.Tensor and not torch.compiler.is_compiling()
-    # First backward: scale the stored gradients in place and hand them over. A later one (the
-    # graph retained) derives fresh tensors from them, leaving the first call's results intact;
-    # it cannot recover them after an upstream gradient of exactly 0 (it then gives NaN).
-    factor = g if first else g / ctx.applied
-    if first and eager:
-        ctx.applied = g.detach().clone()
+    # in place only when no later backward can read the stored gradients (the graph is freed);
+    # through a retained graph each backward derives fresh tensors and leaves them unscaled
+    in_place = backward_frees_graph(g)
 
     def scaled(t: Tensor, wanted: bool) -> Optional[Tensor]:
         if not (wanted and t.numel() > 0):
             return None
-        f = factor.to(t.dtype)
-        return t.mul_(f) if (first and eager) else t * f
+        f = g.to(t.dtype)
+        return t.mul_(f) if in_place else t * f
 
     dh = [scaled(rest[k], flags[0][k]) for k in range(E)]
     dw = [scaled(rest[E + k], flags[1][k]) for k in range(E)]

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ._common import backward_frees_graph
 
 # Bytes of the per-chunk workspace (the float32 logits turned in place into G, the low-precision
 # logits and G, the softcap's tanh). At H = 576, V = 49152, N = 2048 eager holds 1152 MiB of float32
@@ -76,6 +77,25 @@ def chunk_rows(n: int, vocab_size: int, dtype: torch.dtype, softcap: bool, fused
         if softcap:
             per_elem += ct
     return max(1, min(max(n, 1), max(MIN_ROWS, WORKSPACE_BYTES // (per_elem * vocab_size))))
+
+
+def workspace(h2: Tensor, rows: int, vocab_size: int) -> Optional[Tensor]:
+    """One ``[rows, V']`` block for every chunk's logits, in the input dtype, on the CPU (a new
+    block per chunk would be a fresh mapping each time, paid for again in page faults); None
+    elsewhere (the caching allocator reuses the block)."""
+    if h2.device.type != "cpu":
+        return None
+    return torch.empty((min(rows, h2.shape[0]), vocab_size), dtype=h2.dtype, device=h2.device)
+
+
+def logits(hc: Tensor, wv: Tensor, bv: Optional[Tensor], ws: Optional[Tensor] = None) -> Tensor:
+    """``hc·wvᵀ (+ bv)`` in hc's dtype, written into the first rows of ``ws`` when given."""
+    if ws is None:
+        return torch.addmm(bv, hc, wv.t()) if bv is not None else hc @ wv.t()
+    u = ws[: hc.shape[0]]
+    if bv is not None:
+        return torch.addmm(bv, hc, wv.t(), out=u)
+    return torch.mm(hc, wv.t(), out=u)
 
 
 def _gradient_gemms(g: Tensor, hc: Tensor, wv: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
@@ -112,21 +132,12 @@ def _forward(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     fused = fused_cpu(h2)
     tw32 = tw.to(torch.float32).contiguous() if fused else None
     rows = max(1, rows)
-    # one workspace for every chunk's logits (the fused kernel turns it into G in place): a fresh
-    # [rows, V'] block per chunk would be a new mapping each time, paid for again in page faults
-    ws = torch.empty((min(rows, N), vocab_size), dtype=dt, device=h2.device) if fused else None
+    ws = workspace(h2, rows, vocab_size) if fused else None
     for s in range(0, N, rows):
         e = min(N, s + rows)
         hc, tc, twc = h2[s:e], target[s:e], tw[s:e]
         # logits in the input dtype (as F.linear), then float32 for the softmax
-        if fused:
-            u = ws[: e - s]
-            if bv is not None:
-                torch.addmm(bv, hc, wv.t(), out=u)
-            else:
-                torch.mm(hc, wv.t(), out=u)
-        else:
-            u = torch.addmm(bv, hc, wv.t()) if bv is not None else hc @ wv.t()
+        u = logits(hc, wv, bv, ws)
         if fused:  # loss and (in place) G by the C++ kernel, then the two gradient GEMMs
             ltok[s:e] = _backend.cpu_extension().lce_chunk_grad_(
                 u, tc, tw32[s:e], ignore_index, scale, 0.0 if softcap is None else softcap, eps, lam, any_grad)
@@ -219,16 +230,6 @@ def _setup_context(ctx, inputs, output):
     ctx.have = (bool(need[0]), bool(need[1]), bool(need[2]) and inputs[2] is not None)
 
 
-def _frees_graph(g: Tensor) -> bool:
-    """True in an eager backward whose graph is freed after it (no ``retain_graph`` /
-    ``create_graph``): no later backward can read the stored gradients again. Traced backwards
-    (torch.compile, opcheck) see tensor subclasses or are compiling: False there; outside any
-    backward the engine reports a kept graph, so False too."""
-    if type(g) is not torch.Tensor or torch.compiler.is_compiling():
-        return False
-    return not torch._C._autograd._get_current_graph_task_keep_graph()
-
-
 def _backward(ctx, g_loss, _g_ltok, _g_dh, _g_dw, _g_db):
     # When the graph is freed after this backward (the usual ``loss.backward()``), the stored
     # gradients are scaled in place and handed over: no second copy of the weight gradient at the
@@ -238,7 +239,7 @@ def _backward(ctx, g_loss, _g_ltok, _g_dh, _g_dw, _g_db):
     ltok, dh, dw, db = ctx.saved_tensors
     n = ctx.needs_input_grad
     g = g_loss.float()
-    in_place = _frees_graph(g)
+    in_place = backward_frees_graph(g)
     out = []
     for grad, have, wanted in zip((dh, dw, db), ctx.have, n[:3]):
         if not (have and wanted):

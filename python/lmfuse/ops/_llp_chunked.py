@@ -44,29 +44,11 @@ from torch import Tensor
 
 from .. import _backend
 from . import _lce_chunked
-from ._lce_chunked import _gradient_gemms, chunk_rows, fused_cpu
+from ._lce_chunked import _gradient_gemms, chunk_rows, fused_cpu, logits as _logits, workspace as _workspace
 
 # The vocabulary-blocked backward is taken when a block of at least this many vocabulary rows
 # (for every token) fits the workspace; narrower blocks would make thin GEMMs.
 MIN_BLOCK_COLS = 256
-
-
-def _workspace(h2: Tensor, rows: int, vocab_size: int) -> Optional[Tensor]:
-    """One ``[rows, V']`` block for every chunk's logits, in the input dtype (on the CPU: a new
-    block per chunk would be a fresh mapping each time, paid for again in page faults)."""
-    if h2.device.type != "cpu":
-        return None
-    return torch.empty((min(rows, h2.shape[0]), vocab_size), dtype=h2.dtype, device=h2.device)
-
-
-def _logits(hc: Tensor, wv: Tensor, bv: Optional[Tensor], ws: Optional[Tensor] = None) -> Tensor:
-    """``hc·wvᵀ (+ bv)`` in hc's dtype, written into the first rows of ``ws`` when given."""
-    if ws is None:
-        return torch.addmm(bv, hc, wv.t()) if bv is not None else hc @ wv.t()
-    u = ws[: hc.shape[0]]
-    if bv is not None:
-        return torch.addmm(bv, hc, wv.t(), out=u)
-    return torch.mm(hc, wv.t(), out=u)
 
 
 def _chunk(u: Tensor, tc: Tensor, tw: Tensor, ignore_index: int, scale: float, softcap: Optional[float],

@@ -301,12 +301,16 @@ def _takes_chunked(h2: Tensor, need: list[bool], default_dtypes: tuple = _CHUNKE
     """Static rule for the chunked paths (scalar cross-entropy reductions without ``return_lse``;
     log-probs without entropy / argmax): on CPU for ``default_dtypes`` when a gradient is needed
     (``auto``), for every kernel dtype on any device when forced on, never when off."""
-    if h2.dtype not in _CHUNKED_DTYPES:
+    return _chunked_rule(h2.device.type, h2.dtype, default_dtypes, any(need))
+
+
+def _chunked_rule(device_type: str, dtype: torch.dtype, default_dtypes: tuple, grad: bool) -> bool:
+    if dtype not in _CHUNKED_DTYPES:
         return False
     mode = _chunked_mode()
     if mode == "on":
         return True
-    return mode == "auto" and h2.device.type == "cpu" and h2.dtype in default_dtypes and any(need)
+    return mode == "auto" and device_type == "cpu" and dtype in default_dtypes and grad
 
 
 # Where linear_log_probs takes its chunked path by default (CPU training): bfloat16, where ATen's
@@ -333,10 +337,7 @@ def chunked_by_default(op: str, device: torch.device, dtype: torch.dtype, frozen
         dtypes = _logp_default_dtypes([True, not frozen_head, False])
     else:
         raise ValueError(f"op must be 'linear_cross_entropy' or 'linear_log_probs', got {op!r}")
-    mode = _chunked_mode()
-    if mode == "on":
-        return dtype in _CHUNKED_DTYPES
-    return mode == "auto" and torch.device(device).type == "cpu" and dtype in dtypes
+    return _chunked_rule(torch.device(device).type, dtype, dtypes, True)
 
 
 # ----------------------------------------------------------------------------- public ops
