@@ -51,6 +51,7 @@ def test_info_json_has_the_expected_keys():
     assert set(info["extensions"]) == {"_C", "_C_cuda"}
     assert {"built", "importable", "path"} <= set(info["extensions"]["_C"])
     assert isinstance(info["devices"]["cuda_available"], bool)
+    assert isinstance(info["devices"]["cpu_isa"], str)
     if "error" not in info["backends"]:
         assert info["backends"]["reference"]["available"] is True
         assert set(info["backends"]) == {"cuda", "triton", "cpp", "reference"}

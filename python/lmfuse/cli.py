@@ -71,7 +71,7 @@ def collect_info() -> dict:
     """Everything ``lmfuse info`` reports, as a JSON-serialisable dict."""
     import platform
 
-    from lmfuse.bench.report import cpu_model
+    from lmfuse.bench.report import cpu_isa, cpu_model
 
     try:
         import lmfuse
@@ -87,7 +87,7 @@ def collect_info() -> dict:
         "transformers": _version("transformers"),
         "platform": platform.platform(),
     }
-    devices: dict = {"cpu": f"{cpu_model()} ({os.cpu_count()} cores)", "cuda_available": False, "cuda": []}
+    devices: dict = {"cpu": f"{cpu_model()} ({os.cpu_count()} cores)", "cpu_isa": cpu_isa(), "cuda_available": False, "cuda": []}
     try:
         import torch
 
@@ -114,7 +114,7 @@ def _print_info(info: dict) -> None:
     for key in ("lmfuse", "python", "torch", "triton", "transformers", "platform"):
         print(f"{key:13s} {info[key]}")
     dev = info["devices"]
-    print(f"{'cpu':13s} {dev['cpu']}")
+    print(f"{'cpu':13s} {dev['cpu']}{', ' + dev['cpu_isa'] if dev.get('cpu_isa') else ''}")
     print(f"{'cuda':13s} {', '.join(dev['cuda']) if dev['cuda_available'] else 'not available'}")
     print("backends:")
     for name, b in info["backends"].items():

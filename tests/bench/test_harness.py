@@ -14,7 +14,7 @@ import torch
 from lmfuse.bench import (Case, Ceilings, Provider, ProviderUnavailable, TimingPolicy, Workload,
                           efficiency, measure_ceilings, roofline_ms, run_case, summarize)
 from lmfuse.bench.plot import plot_op
-from lmfuse.bench.report import COLUMNS, RunInfo, format_table, slugify, to_rows, write_results
+from lmfuse.bench.report import COLUMNS, RunInfo, cpu_isa, device_name, device_slug, format_table, slugify, to_rows, write_results
 from lmfuse.bench.timing import time_callable
 
 CPU = torch.device("cpu")
@@ -181,6 +181,33 @@ def test_cpu_ceilings_are_positive_and_finite():
 def test_slugify():
     assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert slugify("  ///  ") == "unknown"
+
+
+_X86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse sse2 avx fma avx2 {extra}\n"
+
+
+@pytest.mark.parametrize("extra, tier", [("", "AVX2"), ("avx512f avx512bw", "AVX-512"),
+                                         ("avx512f avx512_bf16", "AVX-512 BF16"),
+                                         ("avx512f avx512_bf16 amx_tile amx_bf16", "AMX")])
+def test_cpu_isa_reads_the_widest_x86_tier(extra, tier):
+    assert cpu_isa(_X86.format(extra=extra)) == tier
+
+
+def test_cpu_isa_arm_and_unknown():
+    assert cpu_isa("processor\t: 0\nFeatures\t: fp asimd sve bf16\n") == "SVE BF16"
+    assert cpu_isa("processor\t: 0\nFeatures\t: fp asimd\n") == "NEON"
+    assert cpu_isa("processor\t: 0\nflags\t: fpu\n") == ""  # no tier it knows
+    assert cpu_isa("model name\t: something\n") == ""  # no flags line
+
+
+def test_cpu_device_name_and_slug_carry_the_tier():
+    isa = cpu_isa()
+    name, slug = device_name(CPU), device_slug(CPU)
+    assert slug.startswith("cpu-") and slug == slugify(slug)
+    if isa:
+        assert name.endswith(f", {isa})") and slug.endswith("-" + slugify(isa))
+    else:
+        assert name.endswith("threads)")
 
 
 def test_discovery_finds_the_low_rank_linear_benchmark():

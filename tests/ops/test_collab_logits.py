@@ -124,6 +124,19 @@ def _inputs(mode, B, V, dtype, device, g):
     return S, (None if mode == "none-small" else L), (Sb if mode == "proxy" else None)
 
 
+def _greedy_ties(S, L, Sb, kw, tol=1e-4):
+    """[B, V] bool: the tokens whose combined score, in float64, is within ``tol`` of the row's best.
+    Between two tokens of one row the score differs by a weighted sum of input differences (the
+    log-sum-exps cancel), so on bf16/fp16 inputs it is either exactly 0 or far above ``tol``; an exact
+    tie is then broken by the kernel's float32 rounding, which need not match the reference's."""
+    from lmfuse.ops.collab_logits import combine_reference
+
+    d = lambda x: None if x is None else x.cpu().double()  # noqa: E731
+    comb = combine_reference(d(S), d(L), d(Sb), kw["mode"], kw["alpha"], kw["large_weight"], kw["small_weight"],
+                             kw["proxy_alpha"])
+    return comb >= comb.max(-1, keepdim=True).values - tol
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("mode", ["none-small", "none", "contrastive", "proxy"])
 def test_kernels_match_reference_backend(backend, mode, device):
@@ -148,8 +161,14 @@ def test_kernels_match_reference_backend(backend, mode, device):
             with use_backend(backend), poisoned_outputs():
                 out = collab_decode_step(S, L, Sb, **kw, **smp, generator=seed)
             what = f"{dtype} {smp}"
-            assert torch.equal(out.tokens, ref.tokens), what
-            assert torch.equal(out.differs_from_small, ref.differs_from_small), what
+            same = torch.ones(B, dtype=torch.bool)
+            if not smp:  # greedy: rows whose best tokens tie exactly are decided by rounding
+                tied = _greedy_ties(S, L, Sb, kw)
+                same = tied.sum(-1) == 1
+                rows = torch.arange(B)
+                assert bool(tied[rows, out.tokens.cpu()].all() & tied[rows, ref.tokens.cpu()].all()), what
+            assert torch.equal(out.tokens.cpu()[same], ref.tokens.cpu()[same]), what
+            assert torch.equal(out.differs_from_small.cpu()[same], ref.differs_from_small.cpu()[same]), what
             ent, top1, margin, _ = _stats64(S.float())
             assert_close_to_reference(out.small_entropy, ent, torch.float32, f"entropy {what}")
             assert_close_to_reference(out.small_top1_prob, top1, torch.float32, f"top1 {what}")

@@ -60,13 +60,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# Vector-instruction tiers, best first: (label, flags that must all be present). The label is part of
+# a CPU's benchmark name because one marketing name ("AMD EPYC") covers chips whose float32 GEMMs
+# differ by 2x and whose bfloat16 GEMMs differ by 6x (native bf16 dot products or not).
+_X86_TIERS = (("AMX", ("amx_bf16",)), ("AVX-512 BF16", ("avx512f", "avx512_bf16")), ("AVX-512", ("avx512f",)),
+              ("AVX2", ("avx2", "fma")), ("AVX", ("avx",)), ("SSE", ("sse2",)))
+_ARM_TIERS = (("SVE BF16", ("sve", "bf16")), ("SVE", ("sve",)), ("NEON BF16", ("asimd", "bf16")),
+              ("NEON", ("asimd",)))
+
+
+def cpu_isa(cpuinfo: str | None = None) -> str:
+    """The widest vector-instruction tier the CPU reports (``"AVX-512 BF16"``, ``"AVX2"``,
+    ``"SVE"``, ...), from the ``flags`` (x86) or ``Features`` (Arm) line of ``/proc/cpuinfo``
+    (or of the text ``cpuinfo``); ``""`` when neither can be read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return ""
+    for key, tiers in (("flags", _X86_TIERS), ("Features", _ARM_TIERS)):
+        m = re.search(rf"^{key}\s*:(.*)$", cpuinfo, re.MULTILINE)
+        if m:
+            have = set(m.group(1).split())
+            return next((label for label, need in tiers if have.issuperset(need)), "")
+    return ""
+
+
 def device_name(device) -> str:
-    """A human-readable name for a torch device (the GPU's name, or the CPU model + cores)."""
+    """A human-readable name for a torch device: the GPU's name, or the CPU model with its cores,
+    threads and vector tier (``"AMD EPYC (2 cores, 2 threads, AVX2)"``)."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    isa = cpu_isa()
+    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads{', ' + isa if isa else ''})"
 
 
 def slugify(name: str) -> str:
@@ -76,12 +105,14 @@ def slugify(name: str) -> str:
 
 
 def device_slug(device) -> str:
-    """Directory name for a device's results: ``cuda-<gpu>`` or ``cpu-<model>-<n>c``."""
+    """Directory name for a device's results: ``cuda-<gpu>`` or ``cpu-<model>-<n>c-<tier>``
+    (``cpu-amd-epyc-2c-avx2``; without the tier where :func:`cpu_isa` cannot tell)."""
     if device.type == "cuda":
         import torch
 
         return "cuda-" + slugify(torch.cuda.get_device_name(device))
-    return f"cpu-{slugify(cpu_model())}-{os.cpu_count()}c"
+    isa = cpu_isa()
+    return f"cpu-{slugify(cpu_model())}-{os.cpu_count()}c" + (f"-{slugify(isa)}" if isa else "")
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
