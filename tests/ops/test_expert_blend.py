@@ -308,7 +308,7 @@ def test_strided_inputs(frozen):
 
 
 @pytest.mark.parametrize("frozen", [True, False])
-def test_bfloat16(frozen):
+def test_bfloat16(frozen, lowp_gemm):
     """bf16 experts: loss and gate gradient within the bf16 tolerance of the float64 reference (the
     stage-1 path rounds each expert's logits to bf16 once, as eager F.linear does; the concatenation
     route rounds the gate-scaled hidden states once)."""

@@ -191,7 +191,7 @@ def _eager(h, w, t, bias=None, token_weight=None, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_low_precision_within_eager_error(chunked, dtype, bias):
+def test_low_precision_within_eager_error(chunked, lowp_gemm, dtype, bias):
     """Logits, G and the gradients in the input dtype: error a small multiple of eager's in that dtype.
 
     (Eager here casts its logits to float32 for the softmax, as mixed-precision training does; the

@@ -95,7 +95,7 @@ def test_float32_matches_float64_reference(chunked, monkeypatch, bias, opts):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_a_small_multiple_of_eager(chunked, monkeypatch, dtype):
+def test_low_precision_within_a_small_multiple_of_eager(chunked, lowp_gemm, monkeypatch, dtype):
     h, w, b, t, up = _data(2, True)
     ref, ref_grads = _run(log_probs_reference, *_leaves((h, w, b), torch.float64), t, up, softcap=4.0)
 
@@ -256,7 +256,7 @@ def test_frozen_head_matches_float64_reference(chunked, bias, opts):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_frozen_head_low_precision_within_a_small_multiple_of_eager(chunked, dtype):
+def test_frozen_head_low_precision_within_a_small_multiple_of_eager(chunked, lowp_gemm, dtype):
     h, w, b, t, up = _data(12, True)
     ref, ref_grad, _ = _frozen_run(log_probs_reference, h.clone().requires_grad_(), w, b, t, up, softcap=4.0)
 

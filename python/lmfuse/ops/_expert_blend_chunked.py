@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import backward_frees_graph
+from ._common import backward_frees_graph, gemm
 
 # Bytes of the per-chunk float32 workspace (E expert logits, the blend turned into G in place, a
 # temporary). CPU: 96 MiB is ~100 tokens per chunk at E = 3, V' = 49152 (eager: 600 MB of float32
@@ -78,7 +78,7 @@ def _forward(hiddens, weights, biases, gate, target, tw, vocab_size, ignore_inde
         gc, twc, tc = g[s:e_], tw[s:e_], tcl[s:e_, None]
         outs = []
         for h, w, b in zip(hc, wv, bv):
-            o = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+            o = gemm(h, w.t(), bias=b)
             outs.append(o.to(ct) if low else o)
         z = outs[0] * gc[:, 0:1]
         for k in range(1, E):
@@ -107,9 +107,9 @@ def _forward(hiddens, weights, biases, gate, target, tw, vocab_size, ignore_inde
             if need_b[k]:
                 db32[k] += G.t() @ gc[:, k]
             if need_h[k]:
-                dh[k][s:e_] = (Gd @ wv[k]).to(ct).mul_(gk).to(dt)
+                dh[k][s:e_] = gemm(Gd, wv[k]).to(ct).mul_(gk).to(dt)
             if need_w[k]:
-                dw[k][:vocab_size].addmm_(Gd.t(), (hc[k].to(ct) * gk).to(dt))
+                gemm(Gd.t(), (hc[k].to(ct) * gk).to(dt), dw[k][:vocab_size], add=True)
         del G, Gd
     db = []
     for k in range(E):

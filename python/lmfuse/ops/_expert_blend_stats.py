@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._common import gemm
+
 WORKSPACE_BYTES = 48 << 20
 MIN_ROWS = 128
 
@@ -55,7 +57,7 @@ def _expert_logits(h: Tensor, w: Tensor, b: Optional[Tensor], ct: torch.dtype) -
             return o + b.to(ct) if b is not None else o
         except (RuntimeError, TypeError):
             pass
-    o = (h @ w.t()).to(ct)
+    o = gemm(h, w.t()).to(ct)
     return o + b.to(ct) if b is not None else o
 
 

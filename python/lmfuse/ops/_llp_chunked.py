@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _lce_chunked
+from ._common import gemm
 from ._lce_chunked import _gradient_gemms, chunk_rows, fused_cpu, logits as _logits, workspace as _workspace
 
 # The vocabulary-blocked backward is taken when a block of at least this many vocabulary rows
@@ -271,7 +272,7 @@ def _hidden_op(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor], target:
         u = _logits(hc, wv, bv, ws)
         # ℓ = lse − z_t: 0 on ignored rows, NaN for a valid target outside [0, V') (no one-hot term)
         out[s:e] = _chunk(u, target[s:e], tw[s:e], ignore_index, scale, softcap, vocab_size, True, fused)
-        torch.mm(u, wv, out=basis[s:e])
+        gemm(u, wv, basis[s:e])
         del u
     return out.neg_().add_(0.0), basis  # log p = −ℓ; + 0 turns the −0 of ignored rows into 0
 
