@@ -44,6 +44,30 @@ class BackendStatus:
 _local = threading.local()
 
 
+def cpu_flags(cpuinfo: str | None = None) -> tuple[str, frozenset[str]] | None:
+    """``("x86", flags)`` or ``("arm", features)`` of the first CPU listed in ``/proc/cpuinfo`` (or
+    in the text ``cpuinfo``); None when there is no such line (another OS, another architecture).
+    The file is read once per process."""
+    if cpuinfo is None:
+        if not _CPU_FLAGS:
+            try:
+                with open("/proc/cpuinfo") as f:
+                    text = f.read()
+            except OSError:
+                text = ""
+            _CPU_FLAGS.append(cpu_flags(text))
+        return _CPU_FLAGS[0]
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if sep and key in ("flags", "Features"):
+            return ("x86" if key == "flags" else "arm", frozenset(value.split()))
+    return None
+
+
+_CPU_FLAGS: list = []  # cpu_flags() of this machine, once read
+
+
 def _import_status(module: str) -> tuple[object | None, str]:
     try:
         return importlib.import_module(module), ""

@@ -95,12 +95,22 @@ def test_float32_is_never_blocked(blocks):
     ("avx2 fma avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile", False, False),  # Sapphire Rapids
 ])
 def test_rule_follows_the_cpu_flags(monkeypatch, flags, bf16, fp16):
-    monkeypatch.setattr(_common, "_cpu_flags_cache", [frozenset(flags.split())])
+    monkeypatch.setattr(_common, "cpu_flags", lambda: ("x86", frozenset(flags.split())))
     assert lowp_gemm_in_float32(torch.empty(1, dtype=torch.bfloat16)) is bf16
     assert lowp_gemm_in_float32(torch.empty(1, dtype=torch.float16)) is fp16
     assert not lowp_gemm_in_float32(torch.empty(1))
 
 
-def test_no_x86_flags_keeps_torch(monkeypatch):
-    monkeypatch.setattr(_common, "_cpu_flags_cache", [None])  # e.g. an Arm CPU
+@pytest.mark.parametrize("found", [None, ("arm", frozenset({"asimd", "fp"}))])
+def test_no_x86_flags_keeps_torch(monkeypatch, found):
+    monkeypatch.setattr(_common, "cpu_flags", lambda: found)  # unreadable, or an Arm CPU
     assert not lowp_gemm_in_float32(torch.empty(1, dtype=torch.bfloat16))
+
+
+def test_cpu_flags_parser():
+    from lmfuse._backend import cpu_flags
+
+    text = "processor\t: 0\nvmx flags\t: ept\nflags\t\t: fpu avx2 fma\nbugs\t\t: spectre\n"
+    assert cpu_flags(text) == ("x86", frozenset({"fpu", "avx2", "fma"}))
+    assert cpu_flags("processor\t: 0\nFeatures\t: fp asimd\n") == ("arm", frozenset({"fp", "asimd"}))
+    assert cpu_flags("model name\t: x\n") is None

@@ -72,19 +72,15 @@ _ARM_TIERS = (("SVE BF16", ("sve", "bf16")), ("SVE", ("sve",)), ("NEON BF16", ("
 def cpu_isa(cpuinfo: str | None = None) -> str:
     """The widest vector-instruction tier the CPU reports (``"AVX-512 BF16"``, ``"AVX2"``,
     ``"SVE"``, ...), from the ``flags`` (x86) or ``Features`` (Arm) line of ``/proc/cpuinfo``
-    (or of the text ``cpuinfo``); ``""`` when neither can be read."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return ""
-    for key, tiers in (("flags", _X86_TIERS), ("Features", _ARM_TIERS)):
-        m = re.search(rf"^{key}\s*:(.*)$", cpuinfo, re.MULTILINE)
-        if m:
-            have = set(m.group(1).split())
-            return next((label for label, need in tiers if have.issuperset(need)), "")
-    return ""
+    (or of the text ``cpuinfo``; :func:`lmfuse._backend.cpu_flags`); ``""`` when it cannot tell."""
+    from .._backend import cpu_flags
+
+    found = cpu_flags(cpuinfo)
+    if found is None:
+        return ""
+    arch, have = found
+    tiers = _X86_TIERS if arch == "x86" else _ARM_TIERS
+    return next((label for label, need in tiers if have.issuperset(need)), "")
 
 
 def device_name(device) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import BackendUnavailableError, choose_backend, forced_backend
+from .._backend import BackendUnavailableError, choose_backend, cpu_flags, forced_backend
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -106,23 +106,6 @@ LOWP_BLOCK = 2048
 # None: decide from the CPU's flags; True / False force the float32 blocks on or off (tests).
 LOWP_GEMM_IN_FLOAT32: bool | None = None
 _NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-_cpu_flags_cache: list = []
-
-
-def _cpu_flags() -> frozenset | None:
-    """The x86 ``flags`` of /proc/cpuinfo (None where there are none, e.g. on Arm)."""
-    if not _cpu_flags_cache:
-        flags = None
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = frozenset(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            pass
-        _cpu_flags_cache.append(flags)
-    return _cpu_flags_cache[0]
 
 
 def lowp_gemm_in_float32(t: torch.Tensor) -> bool:
@@ -133,8 +116,8 @@ def lowp_gemm_in_float32(t: torch.Tensor) -> bool:
         return False
     if LOWP_GEMM_IN_FLOAT32 is not None:
         return LOWP_GEMM_IN_FLOAT32
-    flags = _cpu_flags()
-    return flags is not None and not any(f in flags for f in _NATIVE_FLAGS[t.dtype])
+    flags = cpu_flags()
+    return flags is not None and flags[0] == "x86" and not any(f in flags[1] for f in _NATIVE_FLAGS[t.dtype])
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
